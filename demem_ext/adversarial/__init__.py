@@ -1,0 +1,25 @@
+"""Adversarial attacks (PGD, FGSM) and adversarial-training objectives (PGD-AT, TRADES, MART)."""
+
+from demem_ext.adversarial.attacks import eval_mode, fgsm, pgd
+from demem_ext.adversarial.objectives import (
+    MART,
+    OBJECTIVES,
+    PGDAT,
+    TRADES,
+    Objective,
+    PlainObjective,
+    make_objective,
+)
+
+__all__ = [
+    "MART",
+    "OBJECTIVES",
+    "PGDAT",
+    "TRADES",
+    "Objective",
+    "PlainObjective",
+    "eval_mode",
+    "fgsm",
+    "make_objective",
+    "pgd",
+]

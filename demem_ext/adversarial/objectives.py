@@ -1,0 +1,161 @@
+"""Adversarial-training objectives with per-sample losses: plain, PGD-AT, TRADES, MART.
+
+``adversarial(model, x, y)`` runs the objective's attack (eval mode, no parameter gradients);
+``per_sample_loss(model, x, x_adv, y)`` returns one loss per sample, shape ``[B]``. The losses use
+only out-of-place tensor operations without data-dependent Python control flow, so they also work
+for a single sample under ``torch.func.vmap(torch.func.grad(...))``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from demem_ext.adversarial.attacks import check_attack_args, eval_mode, pgd
+
+TRADES_START_STD = 0.001  # the TRADES/MART attacks start at x + 0.001 * randn (official code)
+
+
+def _kl(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """Per-sample KL(p || q) = sum_k p_k (log p_k - log q_k) from log-probabilities ``[B, K]``."""
+    return (log_p.exp() * (log_p - log_q)).sum(dim=1)
+
+
+def _kl_from_logits(logits_adv: Tensor, log_p_nat: Tensor) -> Tensor:
+    """TRADES attack loss: per-sample KL(p_nat || softmax(logits_adv))."""
+    return _kl(log_p_nat, F.log_softmax(logits_adv, dim=1))
+
+
+def _true_class_mask(y: Tensor, num_classes: int) -> Tensor:
+    """Boolean ``[B, K]`` mask of each sample's label (vmap-safe one-hot)."""
+    return torch.arange(num_classes, device=y.device) == y.unsqueeze(1)
+
+
+@dataclass(frozen=True)
+class Objective(ABC):
+    """Base objective: the attack parameters, an attack and a per-sample loss."""
+
+    eps: float = 0.1
+    alpha: float = 0.025
+    steps: int = 10
+    norm: str = "linf"
+    clamp: tuple[float, float] = (0.0, 1.0)
+    name: ClassVar[str]
+
+    def __post_init__(self) -> None:
+        check_attack_args(self.eps, self.alpha, self.steps, self.norm, self.clamp)
+
+    @abstractmethod
+    def adversarial(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        """The (detached) inputs the loss is trained on."""
+
+    @abstractmethod
+    def per_sample_loss(self, model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor) -> Tensor:
+        """Per-sample training loss ``[B]``."""
+
+
+@dataclass(frozen=True)
+class PlainObjective(Objective):
+    """Standard (non-adversarial) training: cross-entropy on the clean input."""
+
+    name: ClassVar[str] = "none"
+
+    def adversarial(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        """No attack: returns ``x`` (detached)."""
+        return x.detach()
+
+    def per_sample_loss(self, model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor) -> Tensor:
+        """CE(f(x), y); ``x_adv`` is ignored."""
+        return F.cross_entropy(model(x), y, reduction="none")
+
+
+@dataclass(frozen=True)
+class PGDAT(Objective):
+    """Madry et al. PGD adversarial training: cross-entropy on the PGD example."""
+
+    name: ClassVar[str] = "pgd"
+
+    def adversarial(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        """PGD with a uniform random start, maximising cross-entropy."""
+        return pgd(model, x, y, self.eps, self.alpha, self.steps, norm=self.norm, clamp=self.clamp)
+
+    def per_sample_loss(self, model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor) -> Tensor:
+        """CE(f(x_adv), y)."""
+        return F.cross_entropy(model(x_adv), y, reduction="none")
+
+
+@dataclass(frozen=True)
+class _BetaObjective(Objective):
+    beta: float = 6.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.beta >= 0:
+            raise ValueError(f"beta must be >= 0, got {self.beta}")
+
+    def _start(self, x: Tensor) -> Tensor:
+        return x.detach() + TRADES_START_STD * torch.randn_like(x)
+
+
+@dataclass(frozen=True)
+class TRADES(_BetaObjective):
+    """Zhang et al. 2019: CE(f(x), y) + beta * KL(p_nat || p_adv)."""
+
+    name: ClassVar[str] = "trades"
+
+    def adversarial(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        """PGD maximising KL(p_nat || p_adv), started at ``x + 0.001 * randn``."""
+        with eval_mode(model), torch.no_grad():
+            log_p_nat = F.log_softmax(model(x), dim=1)
+        return pgd(model, x, log_p_nat, self.eps, self.alpha, self.steps, norm=self.norm,
+                   clamp=self.clamp, loss_fn=_kl_from_logits, start=self._start(x))
+
+    def per_sample_loss(self, model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor) -> Tensor:
+        """CE(f(x), y) + beta * KL(softmax f(x) || softmax f(x_adv))."""
+        logits_nat = model(x)
+        log_p_nat = F.log_softmax(logits_nat, dim=1)
+        log_p_adv = F.log_softmax(model(x_adv), dim=1)
+        return F.cross_entropy(logits_nat, y, reduction="none") + self.beta * _kl(log_p_nat, log_p_adv)
+
+
+@dataclass(frozen=True)
+class MART(_BetaObjective):
+    """Wang et al. 2020: boosted CE on x_adv + beta * KL(p_nat || p_adv) * (1 - p_nat[y])."""
+
+    name: ClassVar[str] = "mart"
+
+    def adversarial(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        """PGD maximising cross-entropy, started at ``x + 0.001 * randn`` (official MART code)."""
+        return pgd(model, x, y, self.eps, self.alpha, self.steps, norm=self.norm,
+                   clamp=self.clamp, start=self._start(x))
+
+    def per_sample_loss(self, model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor) -> Tensor:
+        """-log p_adv[y] - log(1 - max_{k != y} p_adv[k]) + beta * KL(p_nat || p_adv) * (1 - p_nat[y])."""
+        log_p_nat = F.log_softmax(model(x), dim=1)
+        log_p_adv = F.log_softmax(model(x_adv), dim=1)
+        is_true = _true_class_mask(y, log_p_adv.shape[1])
+        ce_adv = -(log_p_adv * is_true).sum(dim=1)
+        # log(1 - p_j) for j = argmax_{k != y} p_k, as logsumexp over the other classes (stable).
+        runner_up = log_p_adv.masked_fill(is_true, float("-inf")).argmax(dim=1, keepdim=True)
+        is_runner_up = torch.arange(log_p_adv.shape[1], device=y.device) == runner_up
+        log_not_runner_up = torch.logsumexp(log_p_adv.masked_fill(is_runner_up, float("-inf")), dim=1)
+        p_nat_true = (log_p_nat.exp() * is_true).sum(dim=1)
+        kl = _kl(log_p_nat, log_p_adv)
+        return ce_adv - log_not_runner_up + self.beta * kl * (1.0 - p_nat_true)
+
+
+OBJECTIVES: dict[str, type[Objective]] = {
+    cls.name: cls for cls in (PlainObjective, PGDAT, TRADES, MART)
+}
+
+
+def make_objective(name: str, **kwargs: Any) -> Objective:
+    """Build an objective by name: "none", "pgd", "trades" or "mart" (kwargs go to its constructor)."""
+    if name not in OBJECTIVES:
+        raise ValueError(f"unknown objective {name!r}; choose one of {sorted(OBJECTIVES)}")
+    return OBJECTIVES[name](**kwargs)

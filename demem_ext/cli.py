@@ -1,0 +1,203 @@
+"""The `demem` command: train, eval."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from demem_ext.config import CLIP_SCOPES, PROXIES, SELECTIONS, THRESHOLDS, DeMemConfig
+from demem_ext.training import OPTIMIZERS, PATHS, SCHEDULES, TrainConfig
+
+_DEMEM_CHOICES = {"proxy": PROXIES, "selection": SELECTIONS, "threshold": THRESHOLDS, "clip_scope": CLIP_SCOPES}
+_DEMEM_TYPES = {"max_grad_norm": float, "expected_batch_size": int}
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    d = TrainConfig()
+    g = p.add_argument_group("data and model")
+    g.add_argument("--dataset", default=d.dataset, choices=["digits", "cifar10", "cifar100", "svhn"])
+    g.add_argument("--data-dir", default=None, help="folder holding the torchvision dataset files")
+    g.add_argument("--download", action="store_true", help="let torchvision download the dataset")
+    g.add_argument("--augment", action="store_true", help="standard augmentation (CIFAR/SVHN)")
+    g.add_argument("--model", default=d.model, choices=["cnn", "resnet18", "wrn28-10", "wrn34-10"])
+    g.add_argument("--norm", default=None, choices=["none", "batch", "group"])
+    g = p.add_argument_group("adversarial training")
+    g.add_argument("--at", default=d.at, choices=["pgd", "trades", "mart", "none"])
+    g.add_argument("--eps", type=float, default=d.eps, help="L-inf budget in [0, 1] pixel units")
+    g.add_argument("--alpha", type=float, default=d.alpha, help="attack step size")
+    g.add_argument("--attack-steps", type=int, default=d.attack_steps)
+    g.add_argument("--beta", type=float, default=d.beta, help="TRADES/MART KL weight")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--optimizer", default=d.optimizer, choices=OPTIMIZERS)
+    g.add_argument("--lr", type=float, default=d.lr)
+    g.add_argument("--momentum", type=float, default=d.momentum)
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    g.add_argument("--schedule", default=d.schedule, choices=SCHEDULES)
+    g.add_argument("--epochs", type=int, default=d.epochs)
+    g.add_argument("--batch-size", type=int, default=d.batch_size)
+    g.add_argument("--seed", type=int, default=d.seed, help="initialisation, shuffling, attack and noise seed")
+    g.add_argument("--split-seed", type=int, default=d.split_seed, help="seed of the digits train/test split")
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    g.add_argument("--device", default=d.device)
+    g = p.add_argument_group("DeMem (defaults: DeMemConfig)")
+    g.add_argument("--no-demem", action="store_true", help="plain training loop without DeMem")
+    g.add_argument("--path", default=d.path, choices=PATHS,
+                   help="weighting (no per-sample grads) or per_sample (clipping/noise); auto picks")
+    g.add_argument("--nonfinite", default=d.nonfinite, choices=["error", "skip"])
+    g.add_argument("--chunk-size", type=int, default=None, help="per-sample gradient rows at once")
+    for f in dataclasses.fields(DeMemConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kind = _DEMEM_TYPES.get(f.name, type(f.default) if f.default is not None else float)
+        g.add_argument(flag, dest=f"demem_{f.name}", default=None, type=kind if f.name not in _DEMEM_CHOICES else str,
+                       choices=_DEMEM_CHOICES.get(f.name), help=f"default {f.default!r}")
+    g = p.add_argument_group("output")
+    g.add_argument("--out", default=None, help="run folder (default runs/<dataset>-<at>-<time>)")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--final-autoattack", default="none", choices=["standard", "fast", "none"],
+                   help="also run AutoAttack on the test split at the end")
+
+
+def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """TrainConfig from parsed `demem train` flags (DeMem fields only where given)."""
+    demem = {f.name: getattr(args, f"demem_{f.name}") for f in dataclasses.fields(DeMemConfig)
+             if getattr(args, f"demem_{f.name}") is not None}
+    return TrainConfig(
+        dataset=args.dataset, data_dir=args.data_dir, download=args.download, augment=args.augment,
+        model=args.model, norm=args.norm, at=args.at, eps=args.eps, alpha=args.alpha,
+        attack_steps=args.attack_steps, beta=args.beta, optimizer=args.optimizer, lr=args.lr,
+        momentum=args.momentum, weight_decay=args.weight_decay, schedule=args.schedule,
+        epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, split_seed=args.split_seed,
+        device=args.device,
+        use_demem=not args.no_demem, path=args.path, nonfinite=args.nonfinite,
+        chunk_size=args.chunk_size, demem=demem)
+
+
+def _print_table(title: str, result: dict[str, Any]) -> None:
+    print(title)
+    for key, value in result.items():
+        shown = f"{100 * value:.2f}%" if key.endswith("_acc") else value
+        print(f"  {key:<22} {shown}")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from demem_ext.adversarial.robustness import evaluate
+    from demem_ext.training import CHECKPOINT_NAME, train
+
+    cfg = train_config_from_args(args)
+    out = Path(args.out) if args.out else Path("runs") / f"{cfg.dataset}-{cfg.at}-{time.strftime('%Y%m%d-%H%M%S')}"
+    print(f"run folder: {out}")
+    start = time.perf_counter()
+    state = train(cfg, out, resume=args.resume, progress=not args.no_progress)
+    seconds = time.perf_counter() - start
+    result = evaluate(state.model, state.test_set, state.config.eps, state.info.num_classes,
+                      clamp=state.info.input_range, autoattack=args.final_autoattack,
+                      device=state.config.device, seed=state.config.seed)
+    result["train_seconds"] = round(seconds, 1)
+    result["checkpoint"] = str(out / CHECKPOINT_NAME)
+    (out / "eval.json").write_text(json.dumps(result, indent=2))
+    _print_table("test split", result)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from demem_ext.adversarial.robustness import evaluate
+    from demem_ext.checkpoint import load_checkpoint
+    from demem_ext.training import TrainConfig, build
+
+    payload = load_checkpoint(args.checkpoint, expected_format="demem-ext/train-v1")
+    cfg = TrainConfig.from_dict(payload["config"])
+    if args.device is not None:
+        cfg = dataclasses.replace(cfg, device=args.device)
+    if args.data_dir is not None:
+        cfg = dataclasses.replace(cfg, data_dir=args.data_dir)
+    state = build(dataclasses.replace(cfg, use_demem=False))
+    try:
+        state.model.load_state_dict(payload["model"])
+    except (RuntimeError, KeyError) as exc:
+        raise ValueError(f"checkpoint {args.checkpoint!r} does not match its model {cfg.model!r}: {exc}") from exc
+    eps = cfg.eps if args.eps is None else args.eps
+    result = evaluate(state.model, state.test_set, eps, state.info.num_classes, clamp=state.info.input_range,
+                      pgd_steps=args.pgd_steps, autoattack=args.autoattack, batch_size=args.batch_size,
+                      device=cfg.device, limit=args.limit, seed=args.seed)
+    result["checkpoint"] = str(args.checkpoint)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    print(json.dumps(result))
+    _print_table("test split", result)
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from demem_ext.privacy.audit import format_report, run_audit
+    from demem_ext.privacy.shadow import load_stats, parse_shard, train_shadow_models
+
+    cfg = train_config_from_args(args)
+    out = Path(args.out) if args.out else Path("runs") / f"audit-{cfg.dataset}-{cfg.at}"
+    print(f"audit folder: {out}")
+    start = time.perf_counter()
+    if not args.merge_only:
+        shard = parse_shard(args.shard)
+        train_shadow_models(cfg, out, num_models=args.models, seed=args.keep_seed, shard=shard,
+                            progress=not args.no_progress)
+        if shard[1] > 1:
+            print(f"shard {args.shard} done in {time.perf_counter() - start:.0f} s; "
+                  f"merge with: demem audit --merge-only --out {out}")
+            return 0
+    report = run_audit(load_stats(out), out)
+    print(format_report(report))
+    print(f"wrote {out / 'audit.json'}, {out / 'roc.png'}, {out / 'memorization_hist.png'} "
+          f"({time.perf_counter() - start:.0f} s)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="demem", description="DeMem: privacy-enhanced robust adversarial learning")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="adversarial training with DeMem (default: digits, small CNN, PGD-AT)")
+    _add_train_args(p)
+    p.set_defaults(func=cmd_train)
+    p = sub.add_parser("eval", help="natural, PGD and AutoAttack accuracy of a checkpoint")
+    p.add_argument("checkpoint")
+    p.add_argument("--autoattack", default="standard", choices=["standard", "fast", "none"])
+    p.add_argument("--pgd-steps", type=int, default=20)
+    p.add_argument("--eps", type=float, default=None, help="default: the training eps")
+    p.add_argument("--limit", type=int, default=None, help="evaluate the first N test samples")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default=None)
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="also write the result to this file")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.set_defaults(func=cmd_eval)
+    p = sub.add_parser("audit", help="membership-inference audit of a training configuration (shadow models)")
+    _add_train_args(p)
+    p.add_argument("--models", type=int, default=16, help="shadow models M (each trains on a random half)")
+    p.add_argument("--keep-seed", type=int, default=0, help="seed of the inclusion masks")
+    p.add_argument("--shard", default="0/1", help="train only models i, i+n, ... (i/n); merge later")
+    p.add_argument("--merge-only", action="store_true", help="only merge the saved stats and report")
+    p.set_defaults(func=cmd_audit)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as exc:
+        print(f"demem {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

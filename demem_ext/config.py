@@ -1,0 +1,95 @@
+"""DeMemConfig: the one frozen configuration of the DeMem rule (DESIGN.md section 2)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+PROXIES = ("loss", "trace")
+SELECTIONS = ("hard", "soft")
+THRESHOLDS = ("mean", "quantile", "fixed")
+CLIP_SCOPES = ("all", "high_risk")
+
+
+def _finite(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a real number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return float(value)
+
+
+def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class DeMemConfig:
+    """Configuration of the de-memorization weight, clipping and noise.
+
+    lam: de-memorization strength λ ≥ 0 (w_i = 1 − λ·r_i).
+    proxy: "loss" (s_i = ℓ_i) or "trace" (per-sample EMA of the loss with decay trace_decay).
+    selection/threshold/k/quantile/tau/temperature: the risk rule r_i.
+    max_grad_norm: per-sample clipping bound C (None: no clipping).
+    noise_multiplier: σ; noise std is σ·C (σ when C is None) before dividing by D.
+    clip_scope: "all" or "high_risk" (clip only the high-risk samples).
+    expected_batch_size: D; None means the actual number of samples B.
+    """
+
+    lam: float = 0.5
+    proxy: str = "loss"
+    trace_decay: float = 0.9
+    selection: str = "hard"
+    threshold: str = "mean"
+    k: float = 1.0
+    quantile: float = 0.8
+    tau: float = 0.0
+    temperature: float = 1.0
+    max_grad_norm: Optional[float] = None
+    noise_multiplier: float = 0.0
+    clip_scope: str = "all"
+    expected_batch_size: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if _finite("lam", self.lam) < 0:
+            raise ValueError(f"lam must be >= 0, got {self.lam!r}")
+        _choice("proxy", self.proxy, PROXIES)
+        if not 0.0 <= _finite("trace_decay", self.trace_decay) < 1.0:
+            raise ValueError(f"trace_decay must be in [0, 1), got {self.trace_decay!r}")
+        _choice("selection", self.selection, SELECTIONS)
+        _choice("threshold", self.threshold, THRESHOLDS)
+        _finite("k", self.k)
+        if not 0.0 < _finite("quantile", self.quantile) < 1.0:
+            raise ValueError(f"quantile must be in (0, 1), got {self.quantile!r}")
+        _finite("tau", self.tau)
+        if _finite("temperature", self.temperature) <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
+        if self.max_grad_norm is not None and _finite("max_grad_norm", self.max_grad_norm) <= 0:
+            raise ValueError(f"max_grad_norm must be > 0 or None, got {self.max_grad_norm!r}")
+        if _finite("noise_multiplier", self.noise_multiplier) < 0:
+            raise ValueError(f"noise_multiplier must be >= 0, got {self.noise_multiplier!r}")
+        _choice("clip_scope", self.clip_scope, CLIP_SCOPES)
+        if self.expected_batch_size is not None and (
+            isinstance(self.expected_batch_size, bool)
+            or not isinstance(self.expected_batch_size, int)
+            or self.expected_batch_size <= 0
+        ):
+            raise ValueError(
+                f"expected_batch_size must be a positive int or None, got {self.expected_batch_size!r}"
+            )
+
+    def replace(self, **changes: Any) -> "DeMemConfig":
+        """A copy with some fields changed (validated again); unknown names are an error."""
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise ValueError(f"unknown DeMemConfig field(s): {', '.join(sorted(unknown))}")
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def noise_std(self) -> float:
+        """Standard deviation of the noise added to the gradient sum (before dividing by D)."""
+        scale = self.max_grad_norm if self.max_grad_norm is not None else 1.0
+        return self.noise_multiplier * scale

@@ -1,0 +1,553 @@
+"""The DeMem context manager: the DeMem rule (DESIGN.md section 2) inside an existing training loop.
+
+Two paths lead to the wrapped `optimizer.step()`:
+
+- `dm.backward(per_sample_losses)`: the weighting path. An ordinary `loss.backward()` of
+  L = (1/D)·Σ w_i·ℓ_i; no per-sample gradients, no clipping, no noise.
+- `dm.backward_per_sample(loss_fn, *batch)`: the clipping/noise path. Per-sample gradients from
+  torch.func (`demem_ext.per_sample`), in chunks of bounded memory, reduced by the fused op to
+  Σ w_i·c_i·g_i and accumulated until the step, which adds the noise once, divides by D and writes
+  the result into the parameters' `.grad` before calling the optimizer's own step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+import types
+import warnings
+import weakref
+from dataclasses import dataclass
+from typing import Any, Callable, NamedTuple, Optional, Sequence
+
+import torch
+from torch import nn
+
+from demem_ext import functional, reference
+from demem_ext.autograd import demem_loss
+from demem_ext.config import DeMemConfig
+from demem_ext.per_sample import (
+    LossModule,
+    check_loss_shape,
+    flat_dtype,
+    per_sample_grads,
+    trainable_parameters,
+)
+from demem_ext.privacy import accounting
+
+CHUNK_BUDGET_BYTES = 256 * 2**20  # per-sample gradient rows per chunk: chunk·P·itemsize <= this
+NONFINITE_MODES = ("error", "skip")
+STATE_KEYS = ("trace", "visited", "seed", "offset", "steps", "noisy_batch_sizes")
+_WRAPPED: "weakref.WeakSet[torch.optim.Optimizer]" = weakref.WeakSet()  # optimizers inside a DeMem block
+
+
+@dataclass(frozen=True)
+class DeMemStats:
+    """What DeMem did since the last optimizer step (after a step: in that step).
+
+    weights, risk: w_i and r_i of the samples used; norms: per-sample gradient norms ‖g_i‖₂ and
+    clip_fraction: fraction of samples with c_i < 1 (both None on the weighting path);
+    num_samples: samples used; num_skipped: samples dropped as non-finite (nonfinite="skip");
+    steps: optimizer steps taken through DeMem so far.
+    """
+
+    weights: torch.Tensor
+    risk: torch.Tensor
+    high_risk_fraction: float
+    norms: Optional[torch.Tensor]
+    clip_fraction: Optional[float]
+    num_samples: int
+    num_skipped: int
+    steps: int
+
+
+class _BatchSum(NamedTuple):
+    """One backward_per_sample call: Σ w_i·c_i·g_i over the kept samples (None if none is kept)."""
+
+    total: Optional[torch.Tensor]  # [P]
+    parts: list[functional.FusedResult]  # one per chunk with kept samples
+    keep: torch.Tensor  # bool [B]
+    losses: torch.Tensor  # [B], detached
+
+
+GradsOf = Callable[[Sequence[torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]
+
+
+def _random_seed() -> int:
+    """A 63-bit seed from torch's global generator (reproducible under torch.manual_seed)."""
+    return int(torch.randint(0, 2**63 - 1, ()).item())
+
+
+def _positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+
+
+class DeMem:
+    """Context manager applying the DeMem rule to `model` trained by `optimizer`.
+
+    config: a DeMemConfig (default DeMemConfig()); **overrides: DeMemConfig fields to change.
+    num_samples: dataset size (needed by proxy="trace" and by `privacy_spent`).
+    seed: noise seed (None: drawn from torch's global generator); secure_noise: a fresh seed from
+    os.urandom for every noisy step. nonfinite: "error" (raise) or "skip" (drop non-finite samples
+    and count them in `stats`). chunk_size: per-sample gradient rows computed at once (None: as
+    many as fit in 256 MiB).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        config: Optional[DeMemConfig] = None,
+        num_samples: Optional[int] = None,
+        *,
+        seed: Optional[int] = None,
+        secure_noise: bool = False,
+        nonfinite: str = "error",
+        chunk_size: Optional[int] = None,
+        **overrides: Any,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if config is None:
+            config = DeMemConfig()
+        elif not isinstance(config, DeMemConfig):
+            raise TypeError(f"config must be a DeMemConfig or None, got {type(config).__name__}")
+        if overrides:
+            config = config.replace(**overrides)
+        if num_samples is not None:
+            _positive_int("num_samples", num_samples)
+        if config.proxy == "trace" and num_samples is None:
+            raise ValueError("proxy='trace' needs num_samples (the dataset size) to hold the loss trace")
+        if nonfinite not in NONFINITE_MODES:
+            raise ValueError(f"nonfinite must be 'error' or 'skip', got {nonfinite!r}")
+        if chunk_size is not None:
+            _positive_int("chunk_size", chunk_size)
+        if not isinstance(secure_noise, bool):
+            raise ValueError(f"secure_noise must be a bool, got {secure_noise!r}")
+        if seed is not None:
+            if secure_noise:
+                raise ValueError("seed cannot be combined with secure_noise=True (the seed comes from the OS)")
+            if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+                raise ValueError(f"seed must be an int in [0, 2**64) or None, got {seed!r}")
+
+        self.model = model
+        self.optimizer = optimizer
+        self.config = config
+        self.num_samples = num_samples
+        self.secure_noise = secure_noise
+        self.nonfinite = nonfinite
+        self.chunk_size = chunk_size
+        # Per-sample path: the fused op sums w_i·c_i·g_i; noise and the division by D wait for the step.
+        self._sum_config = config.replace(noise_multiplier=0.0, expected_batch_size=1)
+
+        trace_size = num_samples if config.proxy == "trace" else 0
+        self._trace = torch.zeros(trace_size, dtype=torch.float64)
+        self._visited = torch.zeros(trace_size, dtype=torch.bool)
+        self._seed = 0 if secure_noise else (seed if seed is not None else _random_seed())
+        self._offset = 0
+        self._steps = 0
+        self._noisy_batch_sizes: list[int] = []
+
+        self._active = False
+        self._had_step_attr = False
+        self._saved_step: Any = None
+        self._real_step: Optional[Callable[..., Any]] = None
+        self._stats: Optional[DeMemStats] = None
+        self._stats_open = False  # stats merge the backward calls since the last step
+        self._reset_pending()
+
+    # ------------------------------------------------------------------ context manager
+    def __enter__(self) -> "DeMem":
+        if self._active:
+            raise RuntimeError("this DeMem is already active: DeMem blocks cannot be nested or re-entered")
+        opt = self.optimizer
+        if opt in _WRAPPED:
+            raise RuntimeError("optimizer is already wrapped by another active DeMem")
+        self._had_step_attr = "step" in vars(opt)
+        self._saved_step = vars(opt).get("step")
+        self._real_step = opt.step
+        demem = self
+
+        @functools.wraps(self._real_step)  # keeps markers such as an LR scheduler's
+        def step(optimizer: torch.optim.Optimizer, closure: Optional[Callable[[], Any]] = None) -> Any:
+            return demem._step(closure)
+
+        opt.step = types.MethodType(step, opt)  # a bound method, as LR schedulers expect
+        _WRAPPED.add(opt)
+        self._active = True
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        opt = self.optimizer
+        if self._had_step_attr:
+            opt.step = self._saved_step
+        else:
+            vars(opt).pop("step", None)
+        _WRAPPED.discard(opt)
+        self._active = False
+        self._real_step = self._saved_step = None
+        if self._grad_sum is not None and exc_type is None:
+            warnings.warn("DeMem block exited with per-sample gradients that no optimizer.step() "
+                          "applied; they were discarded", RuntimeWarning, stacklevel=2)
+        self._reset_pending()
+
+    # ------------------------------------------------------------------ public API
+    @property
+    def stats(self) -> Optional[DeMemStats]:
+        """Statistics of the backward calls since the last step (or of the last step); None before any."""
+        return self._stats
+
+    def backward(self, per_sample_losses: torch.Tensor, indices: Optional[torch.Tensor] = None) -> None:
+        """Backward of (1/D)·Σ_i w_i·ℓ_i for per-sample losses [B] (D = expected_batch_size or B).
+
+        An ordinary `loss.backward()`: gradients accumulate into `.grad` as usual. Without clipping
+        and noise only; `indices` ([B] dataset indices) are required with proxy="trace".
+        """
+        self._check_active("backward")
+        cfg = self.config
+        if cfg.max_grad_norm is not None or cfg.noise_multiplier > 0:
+            raise ValueError("this config clips (max_grad_norm) or adds noise (noise_multiplier), which "
+                             "needs per-sample gradients: use dm.backward_per_sample(loss_fn, *batch)")
+        self._check_path("weighting")
+        losses = per_sample_losses
+        if not isinstance(losses, torch.Tensor):
+            raise TypeError(f"per_sample_losses must be a torch.Tensor, got {type(losses).__name__}")
+        if losses.dim() != 1 or losses.numel() == 0:
+            raise ValueError(f"per_sample_losses must be a non-empty 1-D tensor [B], got shape {tuple(losses.shape)}")
+        if not losses.is_floating_point():
+            raise ValueError(f"per_sample_losses must be a floating tensor, got {losses.dtype}")
+        if not losses.requires_grad:
+            raise ValueError("per_sample_losses does not require grad: compute it from the model "
+                             "outside torch.no_grad() and without .detach()")
+        idx = self._check_indices(indices, losses.shape[0])
+        keep = self._keep(torch.isfinite(losses.detach()), "per_sample_losses has non-finite values")
+        if not bool(keep.all()):
+            losses = losses[keep]
+            idx = None if idx is None else idx[keep.cpu()]
+        if losses.numel() > 0:
+            scores = self._scores(losses.detach(), idx)
+            weights, risk = functional.demem_weights(scores, cfg)
+            demem_loss(losses, cfg, scores=scores).backward()
+            self._commit_trace(losses.detach(), idx)
+        else:
+            weights = risk = losses.new_zeros(0).detach()
+        self._path = "weighting"
+        self._record(weights, risk, None, int((~keep).sum()))
+
+    def backward_per_sample(self, loss_fn: Callable[..., torch.Tensor], *batch: torch.Tensor,
+                            indices: Optional[torch.Tensor] = None) -> None:
+        """Accumulate Σ_i w_i·c_i·g_i over the batch for the next optimizer step (clipping/noise path).
+
+        loss_fn(model, *batch) -> per-sample losses [B]; each batch tensor has B rows.
+        `.grad` is left alone until the step, which adds noise, divides by D and replaces `.grad`.
+        With nonfinite="skip", samples with non-finite losses are dropped before the threshold; so
+        are samples with non-finite gradients when the batch fits in one chunk (with several chunks
+        the batch threshold is fixed first, and such samples are only dropped from the sum).
+        """
+        self._check_active("backward_per_sample")
+        self._check_path("per_sample")
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable as loss_fn(model, *batch), got {type(loss_fn).__name__}")
+        named = self._trainable_parameters()
+        params = [p for _, p in named]
+        batch_size = self._check_batch(batch, params[0].device)
+        idx = self._check_indices(indices, batch_size)
+        self._refuse_batchnorm()
+
+        loss_module = LossModule(self.model, loss_fn)
+        detached = {f"model.{name}": p.detach() for name, p in named}
+        dtype = flat_dtype(params)
+
+        def grads_of(rows: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+            return per_sample_grads(loss_module, detached, rows, dtype)
+
+        numel = sum(p.numel() for p in params)
+        rows = self.chunk_size or max(1, CHUNK_BUDGET_BYTES // (numel * dtype.itemsize))
+        if batch_size <= rows:
+            total, parts, keep, losses = self._one_chunk(grads_of, batch, idx)
+        else:
+            total, parts, keep, losses = self._chunks(loss_module, grads_of, batch, idx, rows)
+        if total is not None:
+            self._grad_sum = total if self._grad_sum is None else self._grad_sum + total
+            self._count += int(keep.sum())
+            self._params = params
+            self._commit_trace(losses[keep], None if idx is None else idx[keep.cpu()])
+        self._path = "per_sample"
+        empty = losses.new_zeros(0)
+        self._record(torch.cat([r.weights for r in parts]) if parts else empty,
+                     torch.cat([r.risk for r in parts]) if parts else empty,
+                     torch.cat([r.norms for r in parts]) if parts else empty,
+                     batch_size - int(keep.sum()))
+
+    def privacy_spent(self, delta: float, accountant: str = "rdp") -> tuple[Optional[float], str]:
+        """(ε, how it was computed) when the updates are a valid Gaussian mechanism, else (None, why)."""
+        if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not 0 < delta < 1:
+            raise ValueError(f"delta must be in (0, 1), got {delta!r}")
+        valid, reason = accounting.dp_guarantee(self.config)
+        if not valid:
+            return None, f"ε is not guaranteed: {reason}"
+        if self.num_samples is None:
+            return None, "ε needs the sampling rate: pass num_samples (the dataset size) to DeMem"
+        steps = len(self._noisy_batch_sizes)
+        if steps == 0:
+            return 0.0, "no noisy steps taken yet"
+        batch = self.config.expected_batch_size or sum(self._noisy_batch_sizes) / steps
+        rate = batch / self.num_samples
+        if rate > 1:
+            return None, f"sampling rate q = {batch}/{self.num_samples} > 1"
+        eps = accounting.epsilon(rate, self.config.noise_multiplier, steps, delta, accountant)
+        notes = [f"{reason}; {accountant.upper()} accountant, Poisson-subsampled Gaussian, "
+                 f"q = {rate:.4g}, {steps} noisy steps, δ = {delta:g}"]
+        if self.config.expected_batch_size is None:
+            notes.append("q from the mean batch size (set expected_batch_size with Poisson sampling)")
+        if not self.secure_noise:
+            notes.append("noise from a seeded generator (use secure_noise=True for deployment)")
+        return eps, "; ".join(notes)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Loss trace, noise seed/offset, step counter and accounting history (tensors and ints)."""
+        return {
+            "trace": self._trace.clone(),
+            "visited": self._visited.clone(),
+            "seed": self._seed,
+            "offset": self._offset,
+            "steps": self._steps,
+            "noisy_batch_sizes": torch.tensor(self._noisy_batch_sizes, dtype=torch.int64),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` returned (validated; nothing changes on error)."""
+        if self._path is not None:
+            raise RuntimeError("cannot load a state while gradients are pending: call optimizer.step() first")
+        if not isinstance(state, dict) or set(state) != set(STATE_KEYS):
+            keys = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"state must be a dict with keys {list(STATE_KEYS)}, got {keys}")
+        for name, like in (("trace", self._trace), ("visited", self._visited)):
+            value = state[name]
+            if not isinstance(value, torch.Tensor) or value.shape != like.shape or value.dtype != like.dtype:
+                raise ValueError(f"state['{name}'] must be a {like.dtype} tensor of shape {tuple(like.shape)}")
+        for name, high in (("seed", 2**64), ("offset", functional.MAX_OFFSET + 1), ("steps", None)):
+            value = state[name]
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0 or (high and value >= high):
+                raise ValueError(f"state['{name}'] must be a non-negative int, got {value!r}")
+        sizes = state["noisy_batch_sizes"]
+        if not isinstance(sizes, torch.Tensor) or sizes.dim() != 1 or sizes.dtype != torch.int64:
+            raise ValueError("state['noisy_batch_sizes'] must be a 1-D int64 tensor")
+        self._trace = state["trace"].clone()
+        self._visited = state["visited"].clone()
+        self._seed, self._offset, self._steps = state["seed"], state["offset"], state["steps"]
+        self._noisy_batch_sizes = [int(b) for b in sizes]
+
+    # ------------------------------------------------------------------ the wrapped step
+    def _step(self, closure: Optional[Callable[[], Any]]) -> Any:
+        if not self._active or self._real_step is None:
+            raise RuntimeError("this optimizer.step was patched by a DeMem block that has exited")
+        if self._grad_sum is not None:
+            self._write_grads()
+        real_step = self._real_step
+        self._reset_pending()
+        out = real_step() if closure is None else real_step(closure)
+        self._steps += 1
+        if self._stats is not None:
+            self._stats = dataclasses.replace(self._stats, steps=self._steps)
+        self._stats_open = False
+        return out
+
+    def _write_grads(self) -> None:
+        """.grad <- (Σ w_i·c_i·g_i + σ·C·ξ) / D for every trainable parameter (noise once per step)."""
+        cfg = self.config
+        total = self._grad_sum
+        if cfg.noise_multiplier > 0:
+            if self.secure_noise:
+                seed, offset = int.from_bytes(os.urandom(8), "little"), 0
+            else:
+                seed, offset = self._seed, self._offset
+                self._offset += math.ceil(total.numel() / 4)
+            noise = functional.philox_normal(total.numel(), seed, offset, total.device, total.dtype)
+            total = total + cfg.noise_std * noise
+            self._noisy_batch_sizes.append(self._count)
+        grad = total / (cfg.expected_batch_size or self._count)
+        for p, g in zip(self._params, grad.split([p.numel() for p in self._params])):
+            new = torch.empty_like(p)
+            new.copy_(g.view(p.shape))
+            p.grad = new
+
+    # ------------------------------------------------------------------ per-sample sums
+    def _one_chunk(self, grads_of: GradsOf, batch: Sequence[torch.Tensor],
+                   idx: Optional[torch.Tensor]) -> _BatchSum:
+        """The batch in one chunk: scores are the per-sample losses from grad_and_value."""
+        grads, losses = grads_of(batch)
+        keep = self._keep(torch.isfinite(losses), "loss_fn returned non-finite losses")
+        keep = keep & self._keep(torch.isfinite(grads).all(dim=1), "non-finite per-sample gradients")
+        if not bool(keep.any()):
+            return _BatchSum(None, [], keep, losses)
+        scores = self._scores(losses[keep], None if idx is None else idx[keep.cpu()])
+        result = functional.fused_step(grads[keep], scores, self._sum_config)
+        return _BatchSum(result.grad, [result], keep, losses)
+
+    def _chunks(self, loss_module: LossModule, grads_of: GradsOf, batch: Sequence[torch.Tensor],
+                idx: Optional[torch.Tensor], rows: int) -> _BatchSum:
+        """Several chunks: the batch-level threshold comes from one batched forward, then each chunk
+        is summed with threshold "fixed" at that τ, which gives every sample its batch-level risk."""
+        with torch.no_grad():
+            losses = loss_module(*batch)
+        check_loss_shape(losses, batch[0].shape[0])
+        losses = losses.detach()
+        keep = self._keep(torch.isfinite(losses), "loss_fn returned non-finite losses")
+        positions = keep.nonzero().flatten()
+        if positions.numel() == 0:
+            return _BatchSum(None, [], keep, losses)
+        scores = self._scores(losses[keep], None if idx is None else idx[keep.cpu()])
+        cfg = self.config
+        tau = reference.threshold(scores, cfg.threshold, cfg.k, cfg.quantile, cfg.tau)
+        chunk_config = self._sum_config.replace(threshold="fixed", tau=tau)
+        total, parts = None, []
+        for start in range(0, positions.numel(), rows):
+            pos = positions[start:start + rows]
+            grads, _ = grads_of([x[pos] for x in batch])
+            ok = self._keep(torch.isfinite(grads).all(dim=1), "non-finite per-sample gradients", pos)
+            keep[pos[~ok]] = False
+            if bool(ok.any()):
+                result = functional.fused_step(grads[ok], scores[start:start + rows][ok], chunk_config)
+                total = result.grad if total is None else total + result.grad
+                parts.append(result)
+        return _BatchSum(total, parts, keep, losses)
+
+    # ------------------------------------------------------------------ helpers
+    def _reset_pending(self) -> None:
+        self._path: Optional[str] = None  # "weighting" | "per_sample" since the last step
+        self._grad_sum: Optional[torch.Tensor] = None
+        self._count = 0
+        self._params: Optional[list[nn.Parameter]] = None
+
+    def _check_active(self, what: str) -> None:
+        if not self._active:
+            raise RuntimeError(f"dm.{what}() must be called inside the 'with DeMem(...) as dm:' block")
+
+    def _check_path(self, path: str) -> None:
+        if self._path is not None and self._path != path:
+            raise RuntimeError("cannot mix dm.backward and dm.backward_per_sample before one "
+                               "optimizer.step(): use one path per step")
+
+    def _trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """The model's trainable parameters, on one device and unchanged while sums are pending."""
+        named = trainable_parameters(self.model)
+        if not named:
+            raise ValueError("model has no parameters with requires_grad")
+        params = [p for _, p in named]
+        if any(p.device != params[0].device for p in params):
+            raise ValueError("the model's trainable parameters must all be on one device")
+        if self._params is not None and (len(self._params) != len(params)
+                                         or any(a is not b for a, b in zip(self._params, params))):
+            raise RuntimeError("the model's trainable parameters changed since the last "
+                               "backward_per_sample call; call optimizer.step() first")
+        return named
+
+    def _refuse_batchnorm(self) -> None:
+        for name, module in self.model.named_modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
+                raise ValueError(
+                    f"model has a BatchNorm layer {name!r} in train mode: it mixes the samples of a "
+                    "batch, so per-sample gradients are ill-defined; use GroupNorm/LayerNorm or put "
+                    "the layer in eval mode")
+
+    def _check_batch(self, batch: Sequence[torch.Tensor], device: torch.device) -> int:
+        if not batch:
+            raise ValueError("backward_per_sample needs at least one batch tensor after loss_fn")
+        for i, x in enumerate(batch):
+            if not isinstance(x, torch.Tensor):
+                raise TypeError(f"batch[{i}] must be a torch.Tensor, got {type(x).__name__}")
+            if x.dim() == 0:
+                raise ValueError(f"batch[{i}] must have a leading batch dimension, got a scalar")
+            if x.device != device:
+                raise ValueError(f"batch[{i}] is on {x.device} but the model's parameters are on {device}")
+        batch_size = batch[0].shape[0]
+        if batch_size == 0:
+            raise ValueError("batch is empty (B = 0)")
+        for i, x in enumerate(batch):
+            if x.shape[0] != batch_size:
+                raise ValueError(f"batch[{i}] has {x.shape[0]} samples but batch[0] has {batch_size}")
+        return batch_size
+
+    def _check_indices(self, indices: Optional[torch.Tensor], batch_size: int) -> Optional[torch.Tensor]:
+        """Validated dataset indices as a CPU int64 tensor (None when not given)."""
+        if indices is None:
+            if self.config.proxy == "trace":
+                raise ValueError("indices ([B] dataset indices) are required with proxy='trace'")
+            return None
+        if not isinstance(indices, torch.Tensor):
+            raise TypeError(f"indices must be an integer torch.Tensor, got {type(indices).__name__}")
+        if indices.dtype == torch.bool or indices.is_floating_point() or indices.is_complex():
+            raise ValueError(f"indices must be an integer tensor, got {indices.dtype}")
+        if indices.shape != (batch_size,):
+            raise ValueError(f"indices must have shape ({batch_size},), got {tuple(indices.shape)}")
+        idx = indices.detach().to("cpu", torch.int64)
+        high = self.num_samples
+        if int(idx.min()) < 0 or (high is not None and int(idx.max()) >= high):
+            raise ValueError(f"indices must be in [0, num_samples={high}), got values in "
+                             f"[{int(idx.min())}, {int(idx.max())}]")
+        if self.config.proxy == "trace" and idx.unique().numel() != batch_size:
+            raise ValueError("indices must be unique within a batch with proxy='trace'")
+        return idx
+
+    def _keep(self, ok: torch.Tensor, problem: str, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The mask of samples to keep; raises with nonfinite="error" when some are not ok."""
+        if self.nonfinite == "error" and not bool(ok.all()):
+            bad = torch.nonzero(~ok).flatten()
+            if positions is not None:
+                bad = positions[bad]
+            raise ValueError(f"{problem} for samples at batch positions {bad[:8].tolist()} "
+                             "(nonfinite='skip' drops such samples)")
+        return ok
+
+    def _updated_trace(self, losses: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """m_i after this visit: β·m_i + (1−β)·ℓ_i, or ℓ_i on the first visit (float64, CPU)."""
+        loss = losses.detach().to("cpu", torch.float64)
+        beta = self.config.trace_decay
+        return torch.where(self._visited[idx], beta * self._trace[idx] + (1 - beta) * loss, loss)
+
+    def _scores(self, losses: torch.Tensor, idx: Optional[torch.Tensor]) -> torch.Tensor:
+        """Memorization proxy s_i for finite, detached losses (the trace is not changed)."""
+        if self.config.proxy == "loss":
+            return losses
+        return self._updated_trace(losses, idx).to(device=losses.device, dtype=losses.dtype)
+
+    def _commit_trace(self, losses: torch.Tensor, idx: Optional[torch.Tensor]) -> None:
+        if self.config.proxy == "trace":
+            self._trace[idx] = self._updated_trace(losses, idx)
+            self._visited[idx] = True
+
+    def _record(self, weights: torch.Tensor, risk: torch.Tensor, norms: Optional[torch.Tensor],
+                skipped: int) -> None:
+        """Stats of this backward call, merged with the calls since the last step."""
+        prev = self._stats if self._stats_open else None
+        if prev is not None:
+            weights, risk = torch.cat([prev.weights, weights]), torch.cat([prev.risk, risk])
+            norms = None if norms is None else torch.cat([prev.norms, norms])
+            skipped += prev.num_skipped
+        n = weights.numel()
+        clip_fraction = None
+        if norms is not None:
+            clip_fraction = float((self._clip_factors(norms, risk) < 1).double().mean()) if n else 0.0
+        self._stats = DeMemStats(
+            weights=weights, risk=risk,
+            high_risk_fraction=float((risk > 0.5).double().mean()) if n else 0.0,
+            norms=norms, clip_fraction=clip_fraction, num_samples=n, num_skipped=skipped,
+            steps=self._steps)
+        self._stats_open = True
+
+    def _clip_factors(self, norms: torch.Tensor, risk: torch.Tensor) -> torch.Tensor:
+        """c_i of DESIGN.md section 2, step 4."""
+        cfg = self.config
+        if cfg.max_grad_norm is None:
+            return torch.ones_like(norms, dtype=torch.float64)
+        clip = torch.clamp(cfg.max_grad_norm / (norms.double() + reference.CLIP_EPS), max=1.0)
+        if cfg.clip_scope == "high_risk":
+            r = risk.double()
+            clip = 1.0 - r + r * clip
+        return clip

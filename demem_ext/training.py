@@ -1,0 +1,342 @@
+"""The training loop behind `demem train`: adversarial training with DeMem, resumable checkpoints."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from demem_ext.adversarial import Objective, make_objective
+from demem_ext.checkpoint import load_checkpoint, save_checkpoint
+from demem_ext.config import DeMemConfig
+from demem_ext.data import DatasetInfo, load_dataset
+from demem_ext.middleware import DeMem
+from demem_ext.models import build_model, has_batchnorm
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("cosine", "step", "none")
+PATHS = ("auto", "weighting", "per_sample")
+CHECKPOINT_NAME = "checkpoint.pt"
+METRICS_NAME = "metrics.jsonl"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run depends on (saved in each checkpoint)."""
+
+    dataset: str = "digits"
+    data_dir: Optional[str] = None
+    download: bool = False
+    augment: bool = False
+    model: str = "cnn"
+    norm: Optional[str] = None
+    at: str = "pgd"
+    eps: float = 0.1
+    alpha: float = 0.025
+    attack_steps: int = 10
+    beta: float = 6.0
+    optimizer: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    epochs: int = 30
+    batch_size: int = 64
+    seed: int = 0
+    split_seed: int = 0
+    device: str = "cpu"
+    use_demem: bool = True
+    path: str = "auto"
+    nonfinite: str = "error"
+    chunk_size: Optional[int] = None
+    demem: dict = field(default_factory=dict)  # DeMemConfig fields that differ from the defaults
+
+    def __post_init__(self) -> None:
+        for name, allowed in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("path", PATHS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
+        for name in ("epochs", "batch_size", "attack_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "attack_steps" else 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        self.demem_config()  # validates the DeMem fields
+
+    def demem_config(self) -> DeMemConfig:
+        """The DeMemConfig of this run."""
+        return DeMemConfig().replace(**self.demem)
+
+    def per_sample(self) -> bool:
+        """Whether the run needs per-sample gradients (clipping or noise, or asked for)."""
+        if self.path != "auto":
+            return self.path == "per_sample"
+        cfg = self.demem_config()
+        return self.use_demem and (cfg.max_grad_norm is not None or cfg.noise_multiplier > 0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown training option(s) in checkpoint: {sorted(unknown)}")
+        return cls(**values)
+
+
+@dataclass
+class TrainState:
+    """The objects a run trains, rebuilt identically from a TrainConfig."""
+
+    config: TrainConfig
+    info: DatasetInfo
+    train_set: Dataset
+    test_set: Dataset
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Optional[torch.optim.lr_scheduler.LRScheduler]
+    objective: Objective
+    demem: Optional[DeMem]
+    epoch: int = 0
+    train_subset: Optional[torch.Tensor] = None
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer):
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
+    if cfg.schedule == "step":  # the usual AT schedule: ÷10 at 50% and 75% of training
+        milestones = [max(1, cfg.epochs // 2), max(1, (3 * cfg.epochs) // 4)]
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
+    return None
+
+
+class SubsetWithLocalIndex(Dataset):
+    """The samples `indices` of a dataset of (x, y, index), re-indexed 0..len-1 (for shadow models)."""
+
+    def __init__(self, base: Dataset, indices: torch.Tensor) -> None:
+        self.base = base
+        self.indices = indices.to(torch.int64)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[Any, Any, int]:
+        x, y, _ = self.base[int(self.indices[i])]
+        return x, y, i
+
+
+def build(cfg: TrainConfig, train_subset: Optional[torch.Tensor] = None) -> TrainState:
+    """Dataset, model, optimizer, scheduler, objective and DeMem for a configuration.
+
+    train_subset: indices into the training split to train on (shadow models); None: all of it.
+    """
+    seed_everything(cfg.seed)
+    train_set, test_set, info = load_dataset(cfg.dataset, cfg.data_dir, cfg.download, cfg.augment, cfg.split_seed)
+    if train_subset is not None:
+        if train_subset.numel() == 0 or int(train_subset.min()) < 0 or int(train_subset.max()) >= len(train_set):
+            raise ValueError(f"train_subset must hold indices in [0, {len(train_set)}), non-empty")
+        train_set = SubsetWithLocalIndex(train_set, train_subset)
+    norm = cfg.norm if cfg.norm is not None else ("group" if cfg.per_sample() and cfg.model != "cnn" else None)
+    model = build_model(cfg.model, info.num_classes, info.input_shape[0], norm).to(cfg.device)
+    if cfg.per_sample() and has_batchnorm(model):
+        raise ValueError(f"--norm batch cannot be used with per-sample gradients (clipping/noise); "
+                         f"use --norm group for {cfg.model}")
+    optimizer = _optimizer(cfg, model)
+    scheduler = _scheduler(cfg, optimizer)
+    kwargs: dict[str, Any] = {"eps": cfg.eps, "alpha": cfg.alpha, "steps": cfg.attack_steps,
+                              "clamp": info.input_range}
+    if cfg.at in ("trades", "mart"):
+        kwargs["beta"] = cfg.beta
+    objective = make_objective(cfg.at, **kwargs)
+    demem = None
+    if cfg.use_demem:
+        demem = DeMem(model, optimizer, cfg.demem_config(), num_samples=len(train_set),
+                      seed=cfg.seed, nonfinite=cfg.nonfinite, chunk_size=cfg.chunk_size)
+    return TrainState(cfg, info, train_set, test_set, model, optimizer, scheduler, objective, demem,
+                      train_subset=train_subset)
+
+
+def _loader(state: TrainState, epoch: int) -> DataLoader:
+    """The epoch's shuffled batches; the order depends only on (seed, epoch), so resuming replays it."""
+    generator = torch.Generator().manual_seed(state.config.seed * 100_003 + epoch)
+    return DataLoader(state.train_set, batch_size=state.config.batch_size, shuffle=True,
+                      generator=generator, drop_last=False)
+
+
+def _train_batch(state: TrainState, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> dict[str, float]:
+    model, objective, dm = state.model, state.objective, state.demem
+    x_adv = objective.adversarial(model, x, y)
+    model.train()
+    state.optimizer.zero_grad(set_to_none=True)
+    if dm is not None and state.config.per_sample():
+        def loss_fn(m: nn.Module, xb: torch.Tensor, xab: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+            return objective.per_sample_loss(m, xb, xab, yb)
+
+        dm.backward_per_sample(loss_fn, x, x_adv, y, indices=idx)
+        with torch.no_grad():
+            losses = objective.per_sample_loss(model, x, x_adv, y)
+    else:
+        losses = objective.per_sample_loss(model, x, x_adv, y)
+        if dm is not None:
+            dm.backward(losses, indices=idx)
+        else:
+            losses.mean().backward()
+    state.optimizer.step()
+    with torch.no_grad():
+        correct = (model(x_adv).argmax(1) == y).float().sum().item()
+    out = {"loss": float(losses.detach().mean()), "correct": correct, "count": float(len(y))}
+    if dm is not None and dm.stats is not None:
+        out["high_risk"] = dm.stats.high_risk_fraction
+        out["clip"] = dm.stats.clip_fraction if dm.stats.clip_fraction is not None else 0.0
+    return out
+
+
+def train_epoch(state: TrainState, progress: bool = True) -> dict[str, float]:
+    """One epoch; returns mean loss, adversarial training accuracy and DeMem stats."""
+    from tqdm import tqdm
+
+    device = state.config.device
+    totals = {"loss": 0.0, "correct": 0.0, "count": 0.0, "high_risk": 0.0, "clip": 0.0, "batches": 0.0}
+    bar = tqdm(_loader(state, state.epoch), desc=f"epoch {state.epoch + 1}/{state.config.epochs}",
+               disable=not progress, leave=False)
+    for x, y, idx in bar:
+        x, y = x.to(device), y.to(device)
+        out = _train_batch(state, x, y, idx.to(device))
+        totals["batches"] += 1
+        for key in ("loss", "high_risk", "clip"):
+            totals[key] += out.get(key, 0.0)
+        totals["correct"] += out["correct"]
+        totals["count"] += out["count"]
+        bar.set_postfix(loss=f"{totals['loss'] / totals['batches']:.3f}",
+                        acc=f"{totals['correct'] / totals['count']:.3f}",
+                        high_risk=f"{totals['high_risk'] / totals['batches']:.2f}",
+                        clip=f"{totals['clip'] / totals['batches']:.2f}")
+    if state.scheduler is not None:
+        state.scheduler.step()
+    n = totals["batches"]
+    return {"train_loss": totals["loss"] / n, "train_adv_acc": totals["correct"] / totals["count"],
+            "high_risk_fraction": totals["high_risk"] / n, "clip_fraction": totals["clip"] / n}
+
+
+def _rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
+            "numpy_pos": int(np.random.get_state()[2]),
+            "python": json.dumps(random.getstate())}
+
+
+def _set_rng_state(rng: dict[str, Any]) -> None:
+    torch.set_rng_state(rng["torch"])
+    if torch.cuda.is_available() and rng["cuda"]:
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    np.random.set_state(("MT19937", rng["numpy"].numpy().astype(np.uint32), rng["numpy_pos"], 0, 0.0))
+    version, internal, gauss = json.loads(rng["python"])
+    random.setstate((version, tuple(internal), gauss))
+
+
+def checkpoint_payload(state: TrainState) -> dict[str, Any]:
+    """What a checkpoint holds: tensors, numbers, strings and containers only (weights_only loads)."""
+    return {
+        "format": "demem-ext/train-v1",
+        "config": state.config.to_dict(),
+        "epoch": state.epoch,
+        "model": state.model.state_dict(),
+        "optimizer": state.optimizer.state_dict(),
+        "scheduler": state.scheduler.state_dict() if state.scheduler is not None else None,
+        "demem": state.demem.state_dict() if state.demem is not None else None,
+        "rng": _rng_state(),
+        "train_subset": state.train_subset,
+    }
+
+
+def restore(payload: dict[str, Any]) -> TrainState:
+    """Rebuild a run from a checkpoint payload, exactly where it stopped."""
+    state = build(TrainConfig.from_dict(payload["config"]), payload.get("train_subset"))
+    state.model.load_state_dict(payload["model"])
+    state.optimizer.load_state_dict(payload["optimizer"])
+    if state.scheduler is not None and payload["scheduler"] is not None:
+        state.scheduler.load_state_dict(payload["scheduler"])
+    if state.demem is not None and payload["demem"] is not None:
+        state.demem.load_state_dict(payload["demem"])
+    state.epoch = int(payload["epoch"])
+    _set_rng_state(payload["rng"])
+    return state
+
+
+def train(cfg: TrainConfig, out_dir: str | os.PathLike, resume: bool = False, progress: bool = True,
+          log: Callable[[str], None] = print, train_subset: Optional[torch.Tensor] = None) -> TrainState:
+    """Train (or resume) a run in out_dir: a checkpoint and a metrics line after every epoch.
+
+    train_subset: indices into the training split to train on (kept in the checkpoint).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_path, metrics_path = out / CHECKPOINT_NAME, out / METRICS_NAME
+    if resume and ckpt_path.exists():
+        payload = load_checkpoint(ckpt_path, expected_format="demem-ext/train-v1")
+        if payload["config"] != cfg.to_dict():
+            log("resuming with the configuration stored in the checkpoint")
+        state = restore(payload)
+        log(f"resumed from {ckpt_path} after epoch {state.epoch}")
+    else:
+        if ckpt_path.exists():
+            raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue it or choose another --out")
+        state = build(cfg, train_subset)
+        metrics_path.unlink(missing_ok=True)
+    _trim_metrics(metrics_path, state.epoch)
+    context = state.demem if state.demem is not None else contextlib.nullcontext()
+    with context:
+        while state.epoch < state.config.epochs:
+            start = time.perf_counter()
+            metrics = train_epoch(state, progress=progress)
+            state.epoch += 1
+            metrics.update(epoch=state.epoch, seconds=time.perf_counter() - start,
+                           lr=state.optimizer.param_groups[0]["lr"])
+            with metrics_path.open("a") as fh:  # before the checkpoint: a resume trims extra lines
+                fh.write(json.dumps(metrics) + "\n")
+            save_checkpoint(checkpoint_payload(state), ckpt_path)
+            log(f"epoch {state.epoch}: loss {metrics['train_loss']:.4f}  adv acc {metrics['train_adv_acc']:.3f}"
+                f"  high-risk {metrics['high_risk_fraction']:.3f}  clip {metrics['clip_fraction']:.3f}")
+    return state
+
+
+def _trim_metrics(path: Path, epochs_done: int) -> None:
+    """Drop metrics lines of epochs after the checkpoint (a run killed between the two writes)."""
+    if not path.exists():
+        return
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [line for line in lines if json.loads(line).get("epoch", math.inf) <= epochs_done]
+    if len(kept) != len(lines):
+        path.write_text("".join(line + "\n" for line in kept))
+

@@ -1,0 +1,119 @@
+"""Training loop: resume equals an uninterrupted run, checkpoints, metrics, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from demem_ext.checkpoint import load_checkpoint, save_checkpoint
+from demem_ext.training import CHECKPOINT_NAME, METRICS_NAME, TrainConfig, train
+
+TINY = dict(epochs=3, batch_size=128, attack_steps=2, seed=3)
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+def _params(state) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in state.model.state_dict().items()}
+
+
+@pytest.mark.parametrize("demem", [
+    {"lam": 0.5},
+    {"lam": 1.0, "proxy": "trace"},
+    {"lam": 0.5, "max_grad_norm": 1.0, "noise_multiplier": 0.5},
+], ids=["weighting", "trace", "per_sample"])
+def test_resume_gives_the_same_result_as_an_uninterrupted_run(tmp_path: Path, demem: dict) -> None:
+    cfg = TrainConfig(**TINY, demem=demem)
+    full = train(cfg, tmp_path / "full", progress=False, log=_quiet)
+
+    killed_dir = tmp_path / "killed"
+    _train_epochs_then_stop(cfg, killed_dir, stop_after=1)
+    resumed = train(cfg, killed_dir, resume=True, progress=False, log=_quiet)
+    assert resumed.epoch == 3
+    for key, value in _params(full).items():
+        torch.testing.assert_close(resumed.model.state_dict()[key], value, rtol=0, atol=0)
+    lines = (killed_dir / METRICS_NAME).read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
+
+
+def _train_epochs_then_stop(cfg: TrainConfig, out: Path, stop_after: int) -> None:
+    """Run `cfg` but stop (as if killed) right after epoch `stop_after`'s checkpoint was written."""
+    import demem_ext.training as training
+
+    calls = {"n": 0}
+    real_save = training.save_checkpoint
+
+    def save_then_maybe_die(payload, path):
+        real_save(payload, path)
+        calls["n"] += 1
+        if calls["n"] == stop_after:
+            raise KeyboardInterrupt
+
+    training.save_checkpoint = save_then_maybe_die
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg, out, progress=False, log=_quiet)
+    finally:
+        training.save_checkpoint = real_save
+
+
+def test_metrics_and_checkpoint_contents(tmp_path: Path) -> None:
+    cfg = TrainConfig(**{**TINY, "epochs": 2})
+    train(cfg, tmp_path, progress=False, log=_quiet)
+    payload = load_checkpoint(tmp_path / CHECKPOINT_NAME, expected_format="demem-ext/train-v1")
+    assert payload["epoch"] == 2 and payload["config"] == cfg.to_dict()
+    assert {"model", "optimizer", "scheduler", "demem", "rng"} <= set(payload)
+    rows = [json.loads(line) for line in (tmp_path / METRICS_NAME).read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert all(0.0 <= r["high_risk_fraction"] <= 1.0 for r in rows)
+
+
+def test_existing_run_needs_resume(tmp_path: Path) -> None:
+    cfg = TrainConfig(**{**TINY, "epochs": 1})
+    train(cfg, tmp_path, progress=False, log=_quiet)
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(cfg, tmp_path, progress=False, log=_quiet)
+
+
+def test_checkpoint_is_atomic_and_loading_rejects_bad_files(tmp_path: Path) -> None:
+    path = tmp_path / "c.pt"
+    save_checkpoint({"format": "x", "v": torch.ones(2)}, path)
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]  # no temp file left behind
+    (tmp_path / "corrupt.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="corrupt"):
+        load_checkpoint(tmp_path / "corrupt.pt")
+    torch.save({"weights": torch.ones(1)}, tmp_path / "foreign.pt")
+    with pytest.raises(ValueError, match="not a demem-ext checkpoint"):
+        load_checkpoint(tmp_path / "foreign.pt")
+    with pytest.raises(ValueError, match="format"):
+        load_checkpoint(path, expected_format="demem-ext/train-v1")
+    with pytest.raises(FileNotFoundError):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+class _Evil:
+    def __reduce__(self):
+        return (print, ("pickled code ran",))
+
+
+def test_loading_refuses_arbitrary_pickles(tmp_path: Path) -> None:
+    torch.save({"format": "demem-ext/train-v1", "x": _Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(ValueError, match="corrupt or not"):
+        load_checkpoint(tmp_path / "evil.pt")
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"optimizer": "lbfgs"}, "optimizer"),
+    ({"epochs": 0}, "epochs"),
+    ({"lr": -1.0}, "lr"),
+    ({"demem": {"lam": -1.0}}, "lam"),
+    ({"demem": {"bogus": 1}}, "bogus"),
+])
+def test_bad_training_options(bad: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**bad)
