@@ -1,7 +1,8 @@
 """Training-step time: PGD-AT vs PGD-AT + DeMem (weighting path, per-sample path) vs Opacus DP-SGD.
 
 Run: python benchmarks/bench_training.py [--model cnn|resnet18] [--steps 30] [--json PATH]
-Variants are timed interleaved (round-robin, one step each) so that machine noise hits them alike;
+Variants are timed interleaved (one step each per round, in a shuffled order every round) so that
+machine noise and cache effects hit them alike;
 the table gives the median step time and the ratio to plain PGD-AT measured in this one run.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 import time
 from typing import Callable
@@ -113,10 +115,13 @@ def main() -> None:
     for _ in range(3):  # warm-up
         for fn in variants.values():
             fn()
+    order = list(variants)
+    shuffler = random.Random(0)
     for _ in range(args.steps):
-        for name, fn in variants.items():
+        shuffler.shuffle(order)
+        for name in order:
             start = time.perf_counter()
-            fn()
+            variants[name]()
             times[name].append(time.perf_counter() - start)
     base = statistics.median(times["PGD-AT"])
     rows = []

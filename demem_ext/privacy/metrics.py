@@ -93,7 +93,7 @@ def plot_roc(curves: Mapping[str, tuple[np.ndarray, ...]], path: str | Path,
     """
     from matplotlib.figure import Figure  # no pyplot: no global backend state, renders with Agg
 
-    fig = Figure(figsize=(5, 5))
+    fig = Figure(figsize=(6, 6.5 + 0.22 * len(curves)))
     ax = fig.add_subplot()
     smallest = 1.0
     for name, curve in curves.items():
@@ -108,7 +108,8 @@ def plot_roc(curves: Mapping[str, tuple[np.ndarray, ...]], path: str | Path,
     ax.plot([low, 1], [low, 1], "k--", linewidth=0.8, label="chance")
     ax.set(xscale="log", yscale="log", xlim=(low, 1), ylim=(low, 1),
            xlabel="false positive rate", ylabel="true positive rate", title=title or "ROC")
-    ax.legend(loc="lower right", fontsize="small")
+    ax.set_aspect("equal")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), fontsize="small", frameon=False)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
