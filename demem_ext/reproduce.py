@@ -1,0 +1,651 @@
+"""`demem reproduce`: the paper's comparison on shadow models (DESIGN.md section 6).
+
+PGD-AT vs PGD-AT + DP-SGD vs PGD-AT + DeMem (λ sweep, loss-trace proxy), and the same with TRADES.
+For each configuration: M shadow models (resumable, `train_shadow_models`), the membership-inference
+audit (`run_audit`), and the robustness of model 0 (natural, PGD-20, AutoAttack; cached). Then the
+λ of the trace configuration is chosen by a fixed rule, three figures are drawn and a Markdown
+report is written. Layout of the output folder:
+
+    <slug>/                 one audit folder per configuration (keep.pt, models/, audit.json, roc.png ...)
+    <slug>/eval_model0.json robustness of model 0 (reused on rerun when its settings match)
+    summary.json            every number of the report
+    roc_lira_online.png  privacy_robustness.png  accuracy_by_memorization.png
+    results.md
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import json
+import math
+import multiprocessing
+import platform
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional, Sequence
+
+import torch
+
+from demem_ext.config import DeMemConfig
+from demem_ext.training import TrainConfig
+
+QUICK_MODELS, QUICK_EPOCHS = 4, 10
+FULL_MODELS = 16
+SWEEP_LAMBDAS = (0.25, 0.5, 1.0, 2.0)
+DP_NOISE = (0.5, 1.0)
+DP_CLIP = 1.0
+FALLBACK_LAMBDA = 0.5
+ROBUSTNESS_MARGIN = 0.02  # the chosen λ keeps mean PGD-20 within 2 points of PGD-AT's
+TRACE_SLUG = "pgd-demem-trace"
+BASELINE_SLUG = "pgd-at"
+DP_REFERENCE_SLUG = "pgd-dp-s1"
+LIRA = "LiRA online"
+LIRA_ADV = "LiRA online (adversarial queries)"
+EVAL_NAME = "eval_model0.json"
+PLOTS = {"roc": "roc_lira_online.png", "tradeoff": "privacy_robustness.png",
+         "memorization": "accuracy_by_memorization.png"}
+SELECTION_RULE = (f"among the PGD-AT + DeMem sweep λ ∈ {{{', '.join(f'{x:g}' for x in SWEEP_LAMBDAS)}}}, the λ "
+                  f"with the lowest LiRA online TPR at 1% FPR whose mean PGD-20 test accuracy (over the "
+                  f"M models) is within {100 * ROBUSTNESS_MARGIN:g} points of PGD-AT's (ties: higher "
+                  f"PGD-20, then smaller λ); if none qualifies, or the sweep or PGD-AT has no results, "
+                  f"λ = {FALLBACK_LAMBDA:g}")
+
+
+@dataclass(frozen=True)
+class Configuration:
+    """One row of the comparison."""
+
+    name: str
+    slug: str
+    config: TrainConfig
+    family: str                   # "PGD-AT" | "TRADES"
+    method: str                   # "baseline" | "dp" | "demem" | "demem-trace"
+    lam: Optional[float] = None   # DeMem λ (None: no DeMem)
+    noise: Optional[float] = None  # DP-SGD σ
+    report_epsilon: bool = False  # a DP-SGD configuration: ε is reported
+
+    @property
+    def folder(self) -> str:
+        """The folder of its audit; the trace configuration's λ is part of it (chosen at run time)."""
+        return f"{self.slug}-l{self.lam:g}" if self.method == "demem-trace" else self.slug
+
+
+def _dp(base: TrainConfig, noise: float) -> dict[str, Any]:
+    return {"use_demem": True, "demem": {"lam": 0.0, "max_grad_norm": DP_CLIP, "noise_multiplier": noise,
+                                         "clip_scope": "all", "expected_batch_size": base.batch_size}}
+
+
+def configurations(base: TrainConfig, trace_lam: float = FALLBACK_LAMBDA) -> list[Configuration]:
+    """The comparison's configurations, built from `base` (dataset, epochs, attack ...) by overrides."""
+    default_lam = DeMemConfig().lam
+    pgd = dataclasses.replace(base, at="pgd")
+    trades = dataclasses.replace(base, at="trades")
+
+    def make(name: str, slug: str, start: TrainConfig, family: str, method: str, lam: Optional[float] = None,
+             noise: Optional[float] = None, **overrides: Any) -> Configuration:
+        return Configuration(name, slug, dataclasses.replace(start, **overrides), family, method, lam, noise,
+                             report_epsilon=method == "dp")
+
+    out = [make("PGD-AT", BASELINE_SLUG, pgd, "PGD-AT", "baseline", use_demem=False, demem={})]
+    for sigma in DP_NOISE:
+        out.append(make(f"PGD-AT + DP-SGD (C = {DP_CLIP:g}, σ = {sigma:g})", f"pgd-dp-s{sigma:g}", pgd, "PGD-AT",
+                        "dp", noise=sigma, **_dp(base, sigma)))
+    for lam in SWEEP_LAMBDAS:
+        out.append(make(f"PGD-AT + DeMem (λ = {lam:g})", f"pgd-demem-l{lam:g}", pgd, "PGD-AT", "demem", lam=lam,
+                        use_demem=True, demem={"lam": lam}))
+    out.append(make(f"PGD-AT + DeMem, loss trace (λ = {trace_lam:g})", TRACE_SLUG, pgd, "PGD-AT", "demem-trace",
+                    lam=trace_lam, use_demem=True, demem={"lam": trace_lam, "proxy": "trace"}))
+    out.append(make("TRADES", "trades", trades, "TRADES", "baseline", use_demem=False, demem={}))
+    out.append(make(f"TRADES + DP-SGD (C = {DP_CLIP:g}, σ = 1)", "trades-dp-s1", trades, "TRADES", "dp", noise=1.0,
+                    **_dp(base, 1.0)))
+    out.append(make(f"TRADES + DeMem (λ = {default_lam:g})", "trades-demem", trades, "TRADES", "demem",
+                    lam=default_lam, use_demem=True, demem={"lam": default_lam}))
+    return out
+
+
+SLUGS = tuple(c.slug for c in configurations(TrainConfig()))
+
+
+def parse_configs(text: Optional[str | Iterable[str]]) -> Optional[list[str]]:
+    """"a,b" (or a list) -> validated slugs in the comparison's order; None/empty -> None (all)."""
+    if text is None:
+        return None
+    items = [s.strip() for s in (text.split(",") if isinstance(text, str) else text) if s.strip()]
+    if not items:
+        return None
+    unknown = [s for s in items if s not in SLUGS]
+    if unknown:
+        raise ValueError(f"unknown configuration(s) {', '.join(map(repr, unknown))}; "
+                         f"choose from: {', '.join(SLUGS)}")
+    return [s for s in SLUGS if s in items]
+
+
+# ---------------------------------------------------------------- training (in-process or parallel)
+
+def _worker_init() -> None:
+    torch.set_num_threads(1)
+
+
+def _train_model(cfg_dict: dict[str, Any], out_dir: str, num_models: int, keep_seed: int, model_id: int) -> list[int]:
+    """Train exactly one shadow model (shard (model_id, M) holds only that model); in a worker process."""
+    from demem_ext.privacy.shadow import train_shadow_models
+
+    return train_shadow_models(TrainConfig.from_dict(cfg_dict), out_dir, num_models=num_models, seed=keep_seed,
+                               shard=(model_id, num_models), progress=False, log=lambda _: None)
+
+
+def _missing_models(folder: Path, num_models: int) -> list[int]:
+    from demem_ext.privacy.shadow import model_dir
+
+    return [i for i in range(num_models) if not (model_dir(folder, i) / "stats.pt").exists()]
+
+
+def _prepare_keep(cfg: TrainConfig, folder: Path, num_models: int, keep_seed: int) -> None:
+    """Write (or check) keep.pt before workers start, so that they never race to create it."""
+    from demem_ext.data import load_dataset
+    from demem_ext.privacy.shadow import _load_or_create_keep
+
+    population, _, _ = load_dataset(cfg.dataset, cfg.data_dir, cfg.download, augment=False, seed=cfg.split_seed)
+    _load_or_create_keep(folder, cfg, num_models, len(population), keep_seed)
+
+
+class _Pool:
+    """A spawn-context process pool started on first use and shared by the phases of one reproduction."""
+
+    def __init__(self, jobs: int) -> None:
+        self.jobs, self.executor = jobs, None
+
+    def get(self) -> concurrent.futures.ProcessPoolExecutor:
+        if self.executor is None:
+            context = multiprocessing.get_context("spawn")
+            self.executor = concurrent.futures.ProcessPoolExecutor(self.jobs, mp_context=context,
+                                                                   initializer=_worker_init)
+        return self.executor
+
+    def close(self) -> None:
+        if self.executor is not None:
+            self.executor.shutdown(wait=True, cancel_futures=True)
+            self.executor = None
+
+
+def _train_all(selected: Sequence[Configuration], out: Path, num_models: int, keep_seed: int, pool: _Pool,
+               progress: bool, log: Callable[[str], None]) -> dict[str, list[int]]:
+    """Train the missing shadow models of the configurations; returns the ids trained per folder."""
+    from demem_ext.privacy.shadow import train_shadow_models
+
+    trained: dict[str, list[int]] = {c.folder: [] for c in selected}
+    todo = [(c, i) for c in selected for i in _missing_models(out / c.folder, num_models)]
+    if not todo:
+        return trained
+    for c in selected:
+        _prepare_keep(c.config, out / c.folder, num_models, keep_seed)  # also refuses a mismatched folder
+    if pool.jobs <= 1:
+        for c in selected:
+            if _missing_models(out / c.folder, num_models):
+                log(f"[{c.slug}] training {num_models} shadow models ({c.name})")
+                trained[c.folder] = train_shadow_models(c.config, out / c.folder, num_models=num_models,
+                                                        seed=keep_seed, progress=progress,
+                                                        log=lambda m, s=c.slug: log(f"[{s}] {m}"))
+        return trained
+    log(f"training {len(todo)} shadow models in {pool.jobs} processes")
+    executor = pool.get()
+    futures = {executor.submit(_train_model, c.config.to_dict(), str(out / c.folder), num_models, keep_seed, i): (c, i)
+               for c, i in todo}
+    for done, future in enumerate(concurrent.futures.as_completed(futures), 1):
+        c, i = futures[future]
+        trained[c.folder] += future.result()
+        log(f"[{c.slug}] model {i} done ({done}/{len(todo)})")
+    for ids in trained.values():
+        ids.sort()
+    return trained
+
+
+# ---------------------------------------------------------------- evaluation of one configuration
+
+def _evaluate_model0(c: Configuration, folder: Path, autoattack: str, limit: Optional[int],
+                     log: Callable[[str], None]) -> dict[str, Any]:
+    """Natural, PGD-20 and AutoAttack accuracy of model 0 on the test split, cached in EVAL_NAME."""
+    from demem_ext.adversarial.robustness import evaluate
+    from demem_ext.checkpoint import load_checkpoint
+    from demem_ext.privacy.shadow import model_dir
+    from demem_ext.training import restore
+
+    path = folder / EVAL_NAME
+    settings = {"autoattack": autoattack, "limit": limit, "model": 0}
+    if path.exists():
+        cached = json.loads(path.read_text())
+        if cached.get("settings") == settings:
+            return cached
+    log(f"[{c.slug}] evaluating model 0 (natural, PGD-20, AutoAttack {autoattack})")
+    start = time.perf_counter()
+    payload = load_checkpoint(model_dir(folder, 0) / "checkpoint.pt", expected_format="demem-ext/train-v1")
+    state = restore(payload)
+    cfg = state.config
+    result = evaluate(state.model, state.test_set, cfg.eps, state.info.num_classes, clamp=state.info.input_range,
+                      autoattack=autoattack, device=cfg.device, limit=limit, seed=cfg.seed)
+    result["settings"] = settings
+    result["seconds"] = round(time.perf_counter() - start, 1)
+    path.write_text(json.dumps(result, indent=2))
+    return result
+
+
+def _train_seconds(folder: Path, num_models: int) -> float:
+    """Sum of the per-epoch training times recorded in the models' metrics.jsonl (survives reruns)."""
+    from demem_ext.privacy.shadow import model_dir
+
+    total = 0.0
+    for i in range(num_models):
+        path = model_dir(folder, i) / "metrics.jsonl"
+        if path.exists():
+            total += sum(json.loads(line).get("seconds", 0.0) for line in path.read_text().splitlines() if line.strip())
+    return total
+
+
+def _row(c: Configuration, report: dict[str, Any], evaluation: dict[str, Any], seconds: float) -> dict[str, Any]:
+    attacks = report["attacks"]
+    return {
+        "name": c.name, "slug": c.slug, "folder": c.folder, "family": c.family, "method": c.method,
+        "lam": c.lam, "noise_multiplier": c.noise, "report_epsilon": c.report_epsilon, "config": c.config.to_dict(),
+        "mean_test_natural_acc": report["test_accuracy"]["natural"],
+        "mean_test_pgd20_acc": report["test_accuracy"]["pgd20"],
+        "model0": {k: evaluation.get(k) for k in ("natural_acc", "pgd20_acc", "autoattack_acc", "autoattack_version",
+                                                  "num_samples")},
+        "lira_online": {k: attacks[LIRA][k] for k in ("auc", "tpr_at_fpr_0.001", "tpr_at_fpr_0.01", "tpr_at_fpr_0.1")},
+        "lira_online_adv": {k: attacks[LIRA_ADV][k] for k in ("auc", "tpr_at_fpr_0.001", "tpr_at_fpr_0.01")},
+        "epsilon": report["privacy"].get("epsilon"), "epsilon_delta": report["privacy"].get("delta"),
+        "epsilon_reason": report["privacy"].get("reason"),
+        "train_seconds": round(seconds, 1),
+    }
+
+
+def _run_configuration(c: Configuration, out: Path, num_models: int, autoattack: str, eval_limit: Optional[int],
+                       log: Callable[[str], None]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Audit (always recomputed from the saved stats: cheap) and the cached model-0 evaluation."""
+    from demem_ext.privacy.audit import run_audit
+    from demem_ext.privacy.shadow import load_stats
+
+    folder = out / c.folder
+    stats = load_stats(folder, num_models)
+    report = run_audit(stats, folder, title=f"{c.name}: membership inference")
+    evaluation = _evaluate_model0(c, folder, autoattack, eval_limit, log)
+    row = _row(c, report, evaluation, _train_seconds(folder, num_models))
+    log(f"[{c.slug}] natural {100 * row['mean_test_natural_acc']:.2f}%  PGD-20 {100 * row['mean_test_pgd20_acc']:.2f}%"
+        f"  LiRA TPR@1% {100 * row['lira_online']['tpr_at_fpr_0.01']:.2f}%  AUC {row['lira_online']['auc']:.3f}")
+    return row, stats
+
+
+# ---------------------------------------------------------------- the λ choice
+
+def choose_lambda(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Apply SELECTION_RULE to the result rows (by slug); returns {lam, rule, reason, candidates}."""
+    base = rows.get(BASELINE_SLUG)
+    sweep = [r for r in rows.values() if r["method"] == "demem" and r["family"] == "PGD-AT"]
+    choice = {"rule": SELECTION_RULE, "lam": FALLBACK_LAMBDA, "candidates": []}
+    if base is None or not sweep:
+        choice["reason"] = (f"fallback λ = {FALLBACK_LAMBDA:g}: no results for "
+                            f"{'PGD-AT' if base is None else 'the λ sweep'} in this folder")
+        return choice
+    floor = base["mean_test_pgd20_acc"] - ROBUSTNESS_MARGIN
+    for r in sorted(sweep, key=lambda r: r["lam"]):
+        choice["candidates"].append({"lam": r["lam"], "tpr_at_fpr_0.01": r["lira_online"]["tpr_at_fpr_0.01"],
+                                     "mean_test_pgd20_acc": r["mean_test_pgd20_acc"],
+                                     "qualifies": r["mean_test_pgd20_acc"] >= floor - 1e-12})
+    qualified = [c for c in choice["candidates"] if c["qualifies"]]
+    if not qualified:
+        choice["reason"] = (f"fallback λ = {FALLBACK_LAMBDA:g}: no swept λ keeps mean PGD-20 within "
+                            f"{100 * ROBUSTNESS_MARGIN:g} points of PGD-AT ({100 * base['mean_test_pgd20_acc']:.2f}%)")
+        return choice
+    best = min(qualified, key=lambda c: (c["tpr_at_fpr_0.01"], -c["mean_test_pgd20_acc"], c["lam"]))
+    choice["lam"] = best["lam"]
+    choice["reason"] = (f"λ = {best['lam']:g}: LiRA online TPR@1% {100 * best['tpr_at_fpr_0.01']:.2f}%, mean PGD-20 "
+                        f"{100 * best['mean_test_pgd20_acc']:.2f}% (PGD-AT {100 * base['mean_test_pgd20_acc']:.2f}%)")
+    return choice
+
+
+def _sweep_rows_on_disk(all_configs: Sequence[Configuration], out: Path, num_models: int,
+                        rows: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Rows for the λ choice: this run's, completed by audit.json files of earlier runs in the folder."""
+    found = dict(rows)
+    for c in all_configs:
+        if c.slug in found or not (c.slug == BASELINE_SLUG or (c.method == "demem" and c.family == "PGD-AT")):
+            continue
+        path = out / c.folder / "audit.json"
+        if path.exists() and not _missing_models(out / c.folder, num_models):
+            report = json.loads(path.read_text())
+            if report.get("num_models") == num_models and report.get("config") == c.config.to_dict():
+                found[c.slug] = {"method": c.method, "family": c.family, "lam": c.lam,
+                                 "mean_test_pgd20_acc": report["test_accuracy"]["pgd20"],
+                                 "lira_online": {"tpr_at_fpr_0.01": report["attacks"][LIRA]["tpr_at_fpr_0.01"]}}
+    return found
+
+
+# ---------------------------------------------------------------- figures
+
+def _figure(size: tuple[float, float] = (8, 5.5)):
+    from matplotlib.figure import Figure  # no pyplot: no global backend state, renders with Agg
+
+    return Figure(figsize=size)
+
+
+def plot_roc_all(curves: dict[str, tuple[Any, Any, float]], path: Path, title: str) -> Path:
+    """Log-log LiRA online ROC curves of every configuration on one figure."""
+    import numpy as np
+
+    fig = _figure((9, 6))
+    ax = fig.add_subplot()
+    smallest = 1.0
+    for i, (name, (fpr, tpr, auc)) in enumerate(curves.items()):
+        fpr, tpr = np.asarray(fpr), np.asarray(tpr)
+        style = "-" if i < 10 else "--"
+        tpr1 = float(tpr[np.where(fpr <= 0.01)[0][-1]])
+        ax.plot(fpr, tpr, style, linewidth=1.2, label=f"{name} (AUC {auc:.3f}, TPR@1% {100 * tpr1:.2f}%)")
+        if (fpr > 0).any():
+            smallest = min(smallest, float(fpr[fpr > 0].min()))
+    low = max(smallest, 1e-5) if smallest < 1 else 1e-5
+    ax.plot([low, 1], [low, 1], "k:", linewidth=0.8, label="chance")
+    ax.set(xscale="log", yscale="log", xlim=(low, 1), ylim=(low, 1), xlabel="false positive rate",
+           ylabel="true positive rate", title=title)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="x-small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def plot_tradeoff(rows: Sequence[dict[str, Any]], path: Path, use_autoattack: bool) -> Path:
+    """TPR at 1% FPR (LiRA online) against robust accuracy, one labelled point per configuration."""
+    fig = _figure((8, 5.5))
+    ax = fig.add_subplot()
+    markers = {"baseline": "o", "dp": "s", "demem": "^", "demem-trace": "D"}
+    colors = {"PGD-AT": "tab:blue", "TRADES": "tab:orange"}
+    for r in rows:
+        x = r["model0"]["autoattack_acc"] if use_autoattack else r["mean_test_pgd20_acc"]
+        if x is None:
+            continue
+        y = r["lira_online"]["tpr_at_fpr_0.01"]
+        ax.scatter([100 * x], [100 * y], marker=markers[r["method"]], color=colors[r["family"]], s=40)
+        ax.annotate(r["name"], (100 * x, 100 * y), textcoords="offset points", xytext=(4, 3), fontsize="x-small")
+    for method, label in (("baseline", "no defence"), ("dp", "DP-SGD"), ("demem", "DeMem (loss)"),
+                          ("demem-trace", "DeMem (loss trace)")):
+        ax.scatter([], [], marker=markers[method], color="gray", label=label)
+    for family, color in colors.items():
+        ax.scatter([], [], marker="o", color=color, label=family)
+    ax.axhline(1.0, color="k", linestyle=":", linewidth=0.8, label="chance (TPR = FPR = 1%)")
+    ax.set(xlabel=("AutoAttack accuracy of model 0 (%)" if use_autoattack else "mean PGD-20 test accuracy (%)"),
+           ylabel="LiRA online TPR at 1% FPR (%)", title="privacy–robustness trade-off (lower right is better)")
+    ax.legend(loc="best", fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def accuracy_by_memorization(reference: dict[str, Any], stats: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Per configuration: mean over its models of their OUT-sample accuracy per memorization bin.
+
+    Memorization scores come from `reference` (the PGD-AT models), the common yardstick.
+    """
+    from demem_ext.privacy import memorization
+
+    mem = memorization.scores(reference["correct"], reference["keep"])
+    out: dict[str, Any] = {}
+    for name, s in stats.items():
+        entry = {}
+        for kind, key in (("natural", "correct"), ("robust", "adv_correct")):
+            per_model = [memorization.accuracy_by_bin(mem, torch.where(~s["keep"][m], s[key][m].double(), torch.nan))
+                         for m in range(s["keep"].shape[0])]
+            bins = []
+            for b, first in enumerate(per_model[0]):
+                values = [p[b]["accuracy"] for p in per_model if p[b]["accuracy"] is not None]
+                bins.append({"low": first["low"], "high": first["high"],
+                             "count": int(round(sum(p[b]["count"] for p in per_model) / len(per_model))),
+                             "accuracy": sum(values) / len(values) if values else None})
+            entry[kind] = bins
+        out[name] = entry
+    return out
+
+
+def plot_accuracy_by_memorization(table: dict[str, Any], path: Path) -> Path:
+    """Grouped bars: OUT-sample accuracy per memorization bin, natural and robust, per configuration."""
+    import numpy as np
+
+    fig = _figure((11, 4.5))
+    names = list(table)
+    for panel, kind in enumerate(("natural", "robust")):
+        ax = fig.add_subplot(1, 2, panel + 1)
+        bins = table[names[0]][kind]
+        x = np.arange(len(bins))
+        width = 0.8 / len(names)
+        for j, name in enumerate(names):
+            acc = [100 * b["accuracy"] if b["accuracy"] is not None else 0.0 for b in table[name][kind]]
+            ax.bar(x + (j - (len(names) - 1) / 2) * width, acc, width, label=name)
+        ax.set_xticks(x, [f"[{b['low']:g}, {b['high']:g}{']' if i == len(bins) - 1 else ')'}\n"
+                          f"n≈{b['count']}" for i, b in enumerate(bins)], fontsize="x-small")
+        ax.set(xlabel="memorization score (PGD-AT models)", ylabel=f"{kind} accuracy on OUT samples (%)",
+               ylim=(0, 105), title=f"{kind} accuracy per memorization bin")
+        if panel == 0:
+            handles, labels = ax.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", ncol=len(names), fontsize="small")
+    fig.tight_layout(rect=(0, 0, 1, 0.92))
+    fig.savefig(path, dpi=120)
+    return path
+
+
+# ---------------------------------------------------------------- the whole comparison
+
+def _versions() -> dict[str, str]:
+    import numpy
+
+    try:
+        import torchattacks
+
+        ta = getattr(torchattacks, "__version__", "unknown")
+    except ImportError:
+        ta = "not installed"
+    return {"python": platform.python_version(), "torch": torch.__version__, "torchattacks": ta,
+            "numpy": numpy.__version__, "platform": platform.platform(), "processor": platform.processor() or "",
+            "torch_threads": str(torch.get_num_threads())}
+
+
+def reproduce(out_dir: str | Path, quick: bool = False, dataset: str = "digits", models: Optional[int] = None,
+              epochs: Optional[int] = None, configs: Optional[str | Sequence[str]] = None, jobs: int = 1,
+              autoattack: Optional[str] = None, progress: bool = False, log: Callable[[str], None] = print,
+              base_overrides: Optional[dict[str, Any]] = None, eval_limit: Optional[int] = None,
+              keep_seed: int = 0, command: Optional[str] = None, results_path: Optional[str | Path] = None
+              ) -> dict[str, Any]:
+    """Run (or resume) the comparison in out_dir; returns the summary (also out_dir/summary.json).
+
+    quick: M = 4 models, 10 epochs, AutoAttack "fast"; else M = 16, TrainConfig's epochs, "standard".
+    configs: slugs to run (default: all, see SLUGS). jobs > 1: shadow models in parallel processes.
+    base_overrides: TrainConfig fields applied to the base configuration (e.g. attack_steps, batch_size).
+    eval_limit: evaluate model 0 on the first N test samples only. results_path: also write the report
+    there (PNGs copied next to it); out_dir/results.md is always written.
+    """
+    start = time.perf_counter()
+    out = Path(out_dir)
+    selected_slugs = parse_configs(configs) or list(SLUGS)
+    num_models = models if models is not None else (QUICK_MODELS if quick else FULL_MODELS)
+    if isinstance(num_models, bool) or not isinstance(num_models, int) or num_models < 2:
+        raise ValueError(f"models must be an integer >= 2 (leave-one-out LiRA), got {num_models!r}")
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"jobs must be a positive integer, got {jobs!r}")
+    autoattack = autoattack or ("fast" if quick else "standard")
+    if autoattack not in ("standard", "fast", "none"):
+        raise ValueError(f"autoattack must be 'standard', 'fast' or 'none', got {autoattack!r}")
+    base_values: dict[str, Any] = {"dataset": dataset, **(base_overrides or {})}
+    if epochs is not None or quick:
+        base_values["epochs"] = epochs if epochs is not None else QUICK_EPOCHS
+    base = TrainConfig(**base_values)
+    out.mkdir(parents=True, exist_ok=True)
+
+    all_configs = configurations(base)
+    first = [c for c in all_configs if c.slug in selected_slugs and c.slug != TRACE_SLUG]
+    rows: dict[str, dict[str, Any]] = {}
+    stats: dict[str, dict[str, Any]] = {}
+    trained: dict[str, list[int]] = {}
+    log(f"reproduce: {len(selected_slugs)} configuration(s), {num_models} models x {base.epochs} epochs, "
+        f"AutoAttack {autoattack}, {jobs} process(es), folder {out}")
+    pool = _Pool(jobs)
+    try:
+        trained.update(_train_all(first, out, num_models, keep_seed, pool, progress, log))
+        for c in first:
+            rows[c.slug], stats[c.slug] = _run_configuration(c, out, num_models, autoattack, eval_limit, log)
+        choice = choose_lambda(_sweep_rows_on_disk(all_configs, out, num_models, rows))
+        log(f"λ choice: {choice['reason']}")
+        if TRACE_SLUG in selected_slugs:
+            trace = next(c for c in configurations(base, trace_lam=choice["lam"]) if c.slug == TRACE_SLUG)
+            trained.update(_train_all([trace], out, num_models, keep_seed, pool, progress, log))
+            rows[trace.slug], stats[trace.slug] = _run_configuration(trace, out, num_models, autoattack, eval_limit,
+                                                                     log)
+    finally:
+        pool.close()
+
+    ordered = [rows[s] for s in SLUGS if s in rows]
+    plots: dict[str, Optional[str]] = {}
+    curves = {}
+    from demem_ext.privacy import lira, metrics
+
+    for r in ordered:
+        s = stats[r["slug"]]
+        scores, labels = lira.leave_one_out(lira.logit_confidence(s["logits"], s["labels"]), s["keep"], online=True)
+        curves[r["name"]] = metrics.roc(scores, labels)
+    plots["roc"] = plot_roc_all(curves, out / PLOTS["roc"], "LiRA online (natural queries, leave-one-out)").name
+    use_aa = autoattack != "none"
+    plots["tradeoff"] = plot_tradeoff(ordered, out / PLOTS["tradeoff"], use_aa).name
+    best_slug = f"pgd-demem-l{choice['lam']:g}"
+    by_bin: dict[str, Any] = {}
+    if BASELINE_SLUG in stats:
+        chosen = {rows[s]["name"]: stats[s] for s in (BASELINE_SLUG, DP_REFERENCE_SLUG, best_slug) if s in stats}
+        by_bin = accuracy_by_memorization(stats[BASELINE_SLUG], chosen)
+        plots["memorization"] = plot_accuracy_by_memorization(by_bin, out / PLOTS["memorization"]).name
+    else:
+        plots["memorization"] = None
+
+    summary = {
+        "command": command or f"demem_ext.reproduce.reproduce({str(out)!r}, quick={quick}, models={models}, "
+                              f"epochs={epochs}, configs={configs!r}, jobs={jobs}, autoattack={autoattack!r})",
+        "out_dir": str(out), "quick": quick, "dataset": dataset, "num_models": num_models, "epochs": base.epochs,
+        "autoattack": autoattack, "eval_limit": eval_limit, "jobs": jobs, "keep_seed": keep_seed,
+        "base_config": base.to_dict(), "base_overrides": base_overrides or {},
+        "seeds": {"keep_seed": keep_seed, "model_seeds": f"base seed {base.seed} + model id (0..{num_models - 1})",
+                  "split_seed": base.split_seed, "eval_seed": f"each configuration's model-0 seed ({base.seed})"},
+        "versions": _versions(), "wall_seconds": round(time.perf_counter() - start, 1),
+        "trained": trained, "lambda_choice": choice, "best_sweep_slug": best_slug if best_slug in rows else None,
+        "rows": ordered, "accuracy_by_memorization": by_bin, "plots": plots,
+        "robust_axis": "AutoAttack accuracy of model 0" if use_aa else "mean PGD-20 test accuracy",
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    write_results(summary, out / "results.md")
+    if results_path is not None:
+        write_results(summary, results_path)
+    log(f"wrote {out / 'results.md'}" + (f" and {results_path}" if results_path else "")
+        + f" ({summary['wall_seconds']:.0f} s)")
+    return summary
+
+
+# ---------------------------------------------------------------- the report
+
+def _pct(x: Optional[float]) -> str:
+    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.2f}%"
+
+
+def write_results(summary: dict[str, Any], path: str | Path) -> Path:
+    """The Markdown report (docs/results.md style); PNGs are linked relative to `path`, copied next to it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    source = Path(summary["out_dir"])
+    images: dict[str, str] = {}
+    for key, name in summary["plots"].items():
+        if name is None:
+            continue
+        if path.parent.resolve() != source.resolve():
+            shutil.copyfile(source / name, path.parent / name)
+        images[key] = name
+    v = summary["versions"]
+    rows = summary["rows"]
+    lines = [
+        "# Reproduction: PGD-AT / TRADES vs DP-SGD vs DeMem (shadow models)",
+        "",
+        "Generated by `demem reproduce`; every number below is measured, none is copied from the paper.",
+        "",
+        "```bash",
+        summary["command"],
+        "```",
+        "",
+        f"- dataset: {summary['dataset']}; {summary['num_models']} shadow models per configuration, each trained "
+        f"{summary['epochs']} epoch{'s' if summary['epochs'] != 1 else ''} on a random half of the training split (inclusion masks seed "
+        f"{summary['seeds']['keep_seed']}); LiRA is leave-one-out over the {summary['num_models']} models.",
+        f"- seeds: model i trains with {summary['seeds']['model_seeds']}; split seed {summary['seeds']['split_seed']}; "
+        f"evaluation seed = model 0's training seed.",
+        f"- base configuration: " + ", ".join(f"{k}={summary['base_config'][k]}" for k in
+                                               ("model", "eps", "alpha", "attack_steps", "beta", "optimizer", "lr",
+                                                "schedule", "batch_size")),
+        f"- robustness of model 0: PGD-20 and AutoAttack `{summary['autoattack']}` (torchattacks) on "
+        f"{'the first ' + str(summary['eval_limit']) + ' test samples' if summary['eval_limit'] else 'the test split'}.",
+        f"- software: Python {v['python']}, torch {v['torch']}, torchattacks {v['torchattacks']}, numpy {v['numpy']}; "
+        f"{v['platform']}; {v['torch_threads']} torch threads; {summary['jobs']} training process(es).",
+        f"- wall time of this invocation: {summary['wall_seconds']:.0f} s (models found finished on disk are not "
+        f"retrained; summed training time per configuration is in the table below).",
+        "",
+        "## Results",
+        "",
+        "Natural and PGD-20: mean test accuracy over the M models. AutoAttack: model 0. LiRA: online, "
+        "leave-one-out, natural queries unless marked \"adv-query\". ε at δ = 1e-5 for the DP-SGD rows "
+        "(RDP accounting); \"—\" where ε is not guaranteed.",
+        "",
+        "| configuration | natural | PGD-20 | AutoAttack | LiRA TPR@0.1% | TPR@1% | AUC | adv-query TPR@1% | ε | train time |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        eps = f"{r['epsilon']:.3g}" if r["epsilon"] is not None else "—"
+        lines.append(f"| {r['name']} (`{r['folder']}`) | {_pct(r['mean_test_natural_acc'])} | "
+                     f"{_pct(r['mean_test_pgd20_acc'])} | {_pct(r['model0']['autoattack_acc'])} | "
+                     f"{_pct(r['lira_online']['tpr_at_fpr_0.001'])} | {_pct(r['lira_online']['tpr_at_fpr_0.01'])} | "
+                     f"{r['lira_online']['auc']:.3f} | {_pct(r['lira_online_adv']['tpr_at_fpr_0.01'])} | {eps} | "
+                     f"{r['train_seconds']:.0f} s |")
+    lines += ["", "Model 0 alone (the model AutoAttack evaluates):", "",
+              "| configuration | natural | PGD-20 | AutoAttack |", "|---|---:|---:|---:|"]
+    for r in rows:
+        m = r["model0"]
+        lines.append(f"| {r['name']} | {_pct(m['natural_acc'])} | {_pct(m['pgd20_acc'])} | {_pct(m['autoattack_acc'])} |")
+    eps_notes = [r for r in rows if r["report_epsilon"]]
+    if eps_notes:
+        lines += ["", "ε of the DP-SGD configurations:", ""]
+        lines += [f"- {r['name']}: {r['epsilon_reason']}" for r in eps_notes]
+    choice = summary["lambda_choice"]
+    lines += ["", "## Choice of λ for the loss-trace configuration", "", f"Rule: {choice['rule']}.", "",
+              f"Choice: {choice['reason']}.", ""]
+    if choice["candidates"]:
+        lines += ["| λ | LiRA TPR@1% | mean PGD-20 | qualifies |", "|---:|---:|---:|---|"]
+        lines += [f"| {c['lam']:g} | {_pct(c['tpr_at_fpr_0.01'])} | {_pct(c['mean_test_pgd20_acc'])} | "
+                  f"{'yes' if c['qualifies'] else 'no'} |" for c in choice["candidates"]]
+        lines.append("")
+    lines += ["## Figures", ""]
+    captions = {"roc": "LiRA online ROC (log-log), all configurations",
+                "tradeoff": f"privacy–robustness trade-off: TPR at 1% FPR vs {summary['robust_axis']}",
+                "memorization": "accuracy on OUT samples per memorization-score bin"}
+    for key, name in images.items():
+        lines += [f"![{captions[key]}]({name})", ""]
+    by_bin = summary["accuracy_by_memorization"]
+    if by_bin:
+        names = list(by_bin)
+        first = by_bin[names[0]]["natural"]
+        lines += ["## Accuracy per memorization-score bin", "",
+                  "Memorization scores (Feldman) from the PGD-AT models; for each configuration, the mean over its "
+                  "models of their accuracy on the samples they did not train on (OUT), natural / robust "
+                  "(adversarial queries, PGD-10).", "",
+                  "| bin | samples | " + " | ".join(names) + " |", "|---|---:|" + "---:|" * len(names)]
+        for b, edge in enumerate(first):
+            label = f"[{edge['low']:g}, {edge['high']:g}{']' if b == len(first) - 1 else ')'}"
+            cells = [f"{_pct(by_bin[n]['natural'][b]['accuracy'])} / {_pct(by_bin[n]['robust'][b]['accuracy'])}"
+                     for n in names]
+            lines.append(f"| {label} | {edge['count']} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["## Reading", "",
+              "<!-- READING: written by hand after looking at the numbers above; not generated. -->",
+              "",
+              "_To be written by hand_: the plain reading of claims (a)–(d) is written after looking at the "
+              "numbers above. This section is deliberately not generated.", ""]
+    path.write_text("\n".join(lines))
+    return path
