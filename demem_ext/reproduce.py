@@ -635,17 +635,33 @@ def write_results(summary: dict[str, Any], path: str | Path) -> Path:
                   "Memorization scores (Feldman) from the PGD-AT models; for each configuration, the mean over its "
                   "models of their accuracy on the samples they did not train on (OUT), natural / robust "
                   "(adversarial queries, PGD-10).", "",
-                  "| bin | samples | " + " | ".join(names) + " |", "|---|---:|" + "---:|" * len(names)]
+                  "| bin | OUT samples per model | " + " | ".join(names) + " |", "|---|---:|" + "---:|" * len(names)]
         for b, edge in enumerate(first):
             label = f"[{edge['low']:g}, {edge['high']:g}{']' if b == len(first) - 1 else ')'}"
             cells = [f"{_pct(by_bin[n]['natural'][b]['accuracy'])} / {_pct(by_bin[n]['robust'][b]['accuracy'])}"
                      for n in names]
             lines.append(f"| {label} | {edge['count']} | " + " | ".join(cells) + " |")
         lines.append("")
-    lines += ["## Reading", "",
-              "<!-- READING: written by hand after looking at the numbers above; not generated. -->",
-              "",
+    lines += [READING_MARK, "",
+              "<!-- READING: written by hand after looking at the numbers above; not generated. -->", ""]
+    lines += [_hand_written_reading(path) or
               "_To be written by hand_: the plain reading of claims (a)–(d) is written after looking at the "
               "numbers above. This section is deliberately not generated.", ""]
     path.write_text("\n".join(lines))
     return path
+
+
+READING_MARK = "## Reading"
+
+
+def _hand_written_reading(path: Path) -> Optional[str]:
+    """The hand-written text after the last "## Reading" heading of an existing report (kept on rewrite)."""
+    if not path.exists():
+        return None
+    text = path.read_text()
+    if READING_MARK not in text:
+        return None
+    body = text.rsplit(READING_MARK, 1)[1]
+    body = body.split("-->", 1)[1] if "<!-- READING" in body else body
+    body = body.strip()
+    return None if not body or body.startswith("_To be written by hand_") else body
