@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import torch
 
 from demem_ext.config import DeMemConfig
+from demem_ext.privacy.shadow import load_stats, missing_models, model_dir, prepare_masks, train_shadow_models
 from demem_ext.training import TrainConfig
 
 QUICK_MODELS, QUICK_EPOCHS = 4, 10
@@ -131,25 +132,8 @@ def _worker_init() -> None:
 
 def _train_model(cfg_dict: dict[str, Any], out_dir: str, num_models: int, keep_seed: int, model_id: int) -> list[int]:
     """Train exactly one shadow model (shard (model_id, M) holds only that model); in a worker process."""
-    from demem_ext.privacy.shadow import train_shadow_models
-
     return train_shadow_models(TrainConfig.from_dict(cfg_dict), out_dir, num_models=num_models, seed=keep_seed,
                                shard=(model_id, num_models), progress=False, log=lambda _: None)
-
-
-def _missing_models(folder: Path, num_models: int) -> list[int]:
-    from demem_ext.privacy.shadow import model_dir
-
-    return [i for i in range(num_models) if not (model_dir(folder, i) / "stats.pt").exists()]
-
-
-def _prepare_keep(cfg: TrainConfig, folder: Path, num_models: int, keep_seed: int) -> None:
-    """Write (or check) keep.pt before workers start, so that they never race to create it."""
-    from demem_ext.data import load_dataset
-    from demem_ext.privacy.shadow import _load_or_create_keep
-
-    population, _, _ = load_dataset(cfg.dataset, cfg.data_dir, cfg.download, augment=False, seed=cfg.split_seed)
-    _load_or_create_keep(folder, cfg, num_models, len(population), keep_seed)
 
 
 class _Pool:
@@ -174,17 +158,15 @@ class _Pool:
 def _train_all(selected: Sequence[Configuration], out: Path, num_models: int, keep_seed: int, pool: _Pool,
                progress: bool, log: Callable[[str], None]) -> dict[str, list[int]]:
     """Train the missing shadow models of the configurations; returns the ids trained per folder."""
-    from demem_ext.privacy.shadow import train_shadow_models
-
     trained: dict[str, list[int]] = {c.folder: [] for c in selected}
-    todo = [(c, i) for c in selected for i in _missing_models(out / c.folder, num_models)]
+    todo = [(c, i) for c in selected for i in missing_models(out / c.folder, num_models)]
     if not todo:
         return trained
     for c in selected:
-        _prepare_keep(c.config, out / c.folder, num_models, keep_seed)  # also refuses a mismatched folder
+        prepare_masks(c.config, out / c.folder, num_models, keep_seed)  # before workers race; refuses a mismatch
     if pool.jobs <= 1:
         for c in selected:
-            if _missing_models(out / c.folder, num_models):
+            if missing_models(out / c.folder, num_models):
                 log(f"[{c.slug}] training {num_models} shadow models ({c.name})")
                 trained[c.folder] = train_shadow_models(c.config, out / c.folder, num_models=num_models,
                                                         seed=keep_seed, progress=progress,
@@ -210,7 +192,6 @@ def _evaluate_model0(c: Configuration, folder: Path, autoattack: str, limit: Opt
     """Natural, PGD-20 and AutoAttack accuracy of model 0 on the test split, cached in EVAL_NAME."""
     from demem_ext.adversarial.robustness import evaluate
     from demem_ext.checkpoint import load_checkpoint
-    from demem_ext.privacy.shadow import model_dir
     from demem_ext.training import restore
 
     path = folder / EVAL_NAME
@@ -234,8 +215,6 @@ def _evaluate_model0(c: Configuration, folder: Path, autoattack: str, limit: Opt
 
 def _train_seconds(folder: Path, num_models: int) -> float:
     """Sum of the per-epoch training times recorded in the models' metrics.jsonl (survives reruns)."""
-    from demem_ext.privacy.shadow import model_dir
-
     total = 0.0
     for i in range(num_models):
         path = model_dir(folder, i) / "metrics.jsonl"
@@ -265,7 +244,6 @@ def _run_configuration(c: Configuration, out: Path, num_models: int, autoattack:
                        log: Callable[[str], None]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Audit (always recomputed from the saved stats: cheap) and the cached model-0 evaluation."""
     from demem_ext.privacy.audit import run_audit
-    from demem_ext.privacy.shadow import load_stats
 
     folder = out / c.folder
     stats = load_stats(folder, num_models)
@@ -313,7 +291,7 @@ def _sweep_rows_on_disk(all_configs: Sequence[Configuration], out: Path, num_mod
         if c.slug in found or not (c.slug == BASELINE_SLUG or (c.method == "demem" and c.family == "PGD-AT")):
             continue
         path = out / c.folder / "audit.json"
-        if path.exists() and not _missing_models(out / c.folder, num_models):
+        if path.exists() and not missing_models(out / c.folder, num_models):
             report = json.loads(path.read_text())
             if report.get("num_models") == num_models and report.get("config") == c.config.to_dict():
                 found[c.slug] = {"method": c.method, "family": c.family, "lam": c.lam,
@@ -328,30 +306,6 @@ def _figure(size: tuple[float, float] = (8, 5.5)):
     from matplotlib.figure import Figure  # no pyplot: no global backend state, renders with Agg
 
     return Figure(figsize=size)
-
-
-def plot_roc_all(curves: dict[str, tuple[Any, Any, float]], path: Path, title: str) -> Path:
-    """Log-log LiRA online ROC curves of every configuration on one figure."""
-    import numpy as np
-
-    fig = _figure((9, 6))
-    ax = fig.add_subplot()
-    smallest = 1.0
-    for i, (name, (fpr, tpr, auc)) in enumerate(curves.items()):
-        fpr, tpr = np.asarray(fpr), np.asarray(tpr)
-        style = "-" if i < 10 else "--"
-        tpr1 = float(tpr[np.where(fpr <= 0.01)[0][-1]])
-        ax.plot(fpr, tpr, style, linewidth=1.2, label=f"{name} (AUC {auc:.3f}, TPR@1% {100 * tpr1:.2f}%)")
-        if (fpr > 0).any():
-            smallest = min(smallest, float(fpr[fpr > 0].min()))
-    low = max(smallest, 1e-5) if smallest < 1 else 1e-5
-    ax.plot([low, 1], [low, 1], "k:", linewidth=0.8, label="chance")
-    ax.set(xscale="log", yscale="log", xlim=(low, 1), ylim=(low, 1), xlabel="false positive rate",
-           ylabel="true positive rate", title=title)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="x-small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    return path
 
 
 def plot_tradeoff(rows: Sequence[dict[str, Any]], path: Path, use_autoattack: bool) -> Path:
@@ -510,7 +464,7 @@ def reproduce(out_dir: str | Path, quick: bool = False, dataset: str = "digits",
         s = stats[r["slug"]]
         scores, labels = lira.leave_one_out(lira.logit_confidence(s["logits"], s["labels"]), s["keep"], online=True)
         curves[r["name"]] = metrics.roc(scores, labels)
-    plots["roc"] = plot_roc_all(curves, out / PLOTS["roc"], "LiRA online (natural queries, leave-one-out)").name
+    plots["roc"] = metrics.plot_roc(curves, out / PLOTS["roc"], "LiRA online (natural queries, leave-one-out)").name
     use_aa = autoattack != "none"
     plots["tradeoff"] = plot_tradeoff(ordered, out / PLOTS["tradeoff"], use_aa).name
     best_slug = f"pgd-demem-l{choice['lam']:g}"

@@ -96,12 +96,12 @@ def plot_roc(curves: Mapping[str, tuple[np.ndarray, ...]], path: str | Path,
     fig = Figure(figsize=(6, 6.5 + 0.22 * len(curves)))
     ax = fig.add_subplot()
     smallest = 1.0
-    for name, curve in curves.items():
+    for i, (name, curve) in enumerate(curves.items()):
         fpr, tpr = np.asarray(curve[0], dtype=np.float64), np.asarray(curve[1], dtype=np.float64)
         if fpr.shape != tpr.shape or fpr.ndim != 1 or fpr.size == 0:
             raise ValueError(f"curves[{name!r}] must be (fpr, tpr) 1-D arrays of one length")
         auc = float(curve[2]) if len(curve) > 2 else float(skm.auc(fpr, tpr))
-        ax.plot(fpr, tpr, label=f"{name} (AUC {auc:.3f}, TPR@0.1% {100 * _tpr_at(fpr, tpr, 1e-3):.2f}%)")
+        ax.plot(fpr, tpr, "-" if i < 10 else "--", label=f"{name} (AUC {auc:.3f}, TPR@0.1% {100 * _tpr_at(fpr, tpr, 1e-3):.2f}%)")
         if (fpr > 0).any():
             smallest = min(smallest, float(fpr[fpr > 0].min()))
     low = max(smallest, 1e-5) if smallest < 1 else 1e-5

@@ -55,6 +55,17 @@ def model_dir(out_dir: Path, model_id: int) -> Path:
     return out_dir / "models" / f"model_{model_id:03d}"
 
 
+def missing_models(out_dir: str | Path, num_models: int) -> list[int]:
+    """Ids of the models in out_dir whose stats.pt is not written yet (unfinished or not started)."""
+    return [i for i in range(num_models) if not (model_dir(Path(out_dir), i) / "stats.pt").exists()]
+
+
+def prepare_masks(cfg: TrainConfig, out_dir: str | Path, num_models: int, seed: int) -> torch.Tensor:
+    """The folder's inclusion masks keep[M, N]: created (keep.pt) or checked against these settings."""
+    population, _, _ = load_dataset(cfg.dataset, cfg.data_dir, cfg.download, augment=False, seed=cfg.split_seed)
+    return _load_or_create_keep(Path(out_dir), cfg, num_models, len(population), seed)
+
+
 def _load_or_create_keep(out_dir: Path, cfg: TrainConfig, num_models: int, num_samples: int,
                          seed: int) -> torch.Tensor:
     path = out_dir / "keep.pt"
@@ -143,7 +154,7 @@ def load_stats(out_dir: str | Path, num_models: Optional[int] = None) -> dict[st
     m = keep.shape[0] if num_models is None else num_models
     if m != keep.shape[0]:
         raise ValueError(f"{out / 'keep.pt'} holds {keep.shape[0]} models, not {m}")
-    missing = [i for i in range(m) if not (model_dir(out, i) / "stats.pt").exists()]
+    missing = missing_models(out, m)
     if missing:
         raise FileNotFoundError(f"models {missing} have no stats in {out / 'models'}: train them "
                                 f"(demem audit with the same --out, or its --shard runs) before merging")
