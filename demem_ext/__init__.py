@@ -2,7 +2,7 @@
 
 from demem_ext.autograd import demem_loss
 from demem_ext.config import DeMemConfig
-from demem_ext.functional import FusedResult, demem_weights, fused_step, philox_normal
+from demem_ext.functional import FusedResult, NonFiniteError, demem_weights, fused_step, philox_normal
 from demem_ext.middleware import DeMem, DeMemStats
 from demem_ext.ops import backend
 
@@ -11,6 +11,7 @@ __all__ = [
     "DeMemConfig",
     "DeMemStats",
     "FusedResult",
+    "NonFiniteError",
     "backend",
     "demem_loss",
     "demem_weights",

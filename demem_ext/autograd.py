@@ -7,7 +7,7 @@ from typing import Any, Optional
 import torch
 
 from demem_ext.config import DeMemConfig
-from demem_ext.functional import demem_weights
+from demem_ext.functional import NonFiniteError, demem_weights
 
 
 class _WeightedMean(torch.autograd.Function):
@@ -39,7 +39,7 @@ def demem_loss(per_sample_losses: torch.Tensor, config: Optional[DeMemConfig] = 
     if per_sample_losses.numel() == 0:
         raise ValueError("per_sample_losses is empty (B = 0)")
     if not bool(torch.isfinite(per_sample_losses.detach()).all()):
-        raise ValueError("per_sample_losses has non-finite values")
+        raise NonFiniteError("per_sample_losses has non-finite values")
     if scores is None:
         scores = per_sample_losses.detach()
     elif scores.shape != per_sample_losses.shape:

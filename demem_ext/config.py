@@ -30,7 +30,9 @@ def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
 class DeMemConfig:
     """Configuration of the de-memorization weight, clipping and noise.
 
-    lam: de-memorization strength λ ≥ 0 (w_i = 1 − λ·r_i).
+    lam: de-memorization strength λ ≥ 0 (w_i = 1 − λ·r_i). λ > 1 gives high-risk samples negative
+        weights (gradient ascent on their loss, unbounded for cross-entropy): measured on digits,
+        λ = 2 diverges (docs/results.md); a non-finite loss then stops training with NonFiniteError.
     proxy: "loss" (s_i = ℓ_i) or "trace" (per-sample EMA of the loss with decay trace_decay).
     selection/threshold/k/quantile/tau/temperature: the risk rule r_i.
     max_grad_norm: per-sample clipping bound C (None: no clipping).
@@ -39,7 +41,7 @@ class DeMemConfig:
     expected_batch_size: D; None means the actual number of samples B.
     """
 
-    lam: float = 0.5
+    lam: float = 0.75
     proxy: str = "loss"
     trace_decay: float = 0.9
     selection: str = "hard"

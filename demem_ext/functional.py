@@ -23,6 +23,10 @@ class FusedResult(NamedTuple):
     coeff: torch.Tensor  # [B] w_i·c_i
 
 
+class NonFiniteError(ValueError):
+    """Non-finite losses or gradients (a ValueError, so callers that catch bad input still do)."""
+
+
 def _check_scores(scores: torch.Tensor, name: str = "scores") -> None:
     if not isinstance(scores, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(scores).__name__}")
@@ -34,7 +38,7 @@ def _check_scores(scores: torch.Tensor, name: str = "scores") -> None:
         raise ValueError(f"{name} must be a floating tensor, got {scores.dtype}")
     if not bool(torch.isfinite(scores).all()):
         bad = torch.nonzero(~torch.isfinite(scores)).flatten()[:8].tolist()
-        raise ValueError(f"{name} has non-finite values at indices {bad}")
+        raise NonFiniteError(f"{name} has non-finite values at indices {bad}")
 
 
 def _check_config(config: DeMemConfig) -> None:
@@ -111,5 +115,5 @@ def fused_step(per_sample_grads: torch.Tensor, scores: torch.Tensor, config: DeM
         config.noise_multiplier, config.clip_scope, denom, seed, offset))
     if not bool(torch.isfinite(result.norms).all()):
         bad = torch.nonzero(~torch.isfinite(result.norms)).flatten()[:8].tolist()
-        raise ValueError(f"per_sample_grads has non-finite values in rows {bad}")
+        raise NonFiniteError(f"per_sample_grads has non-finite values in rows {bad}")
     return result

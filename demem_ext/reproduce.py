@@ -29,13 +29,16 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 
+from demem_ext.checkpoint import load_checkpoint, write_text_atomic
 from demem_ext.config import DeMemConfig
-from demem_ext.privacy.shadow import load_stats, missing_models, model_dir, prepare_masks, train_shadow_models
+from demem_ext.functional import NonFiniteError
+from demem_ext.privacy.shadow import (STATS_FORMAT, load_stats, missing_models, model_dir, prepare_masks,
+                                      train_shadow_models)
 from demem_ext.training import TrainConfig
 
-QUICK_MODELS, QUICK_EPOCHS = 4, 10
+QUICK_MODELS, QUICK_EPOCHS, QUICK_BATCH = 4, 15, 32  # smaller batches: more steps per epoch
 FULL_MODELS = 16
-SWEEP_LAMBDAS = (0.25, 0.5, 1.0, 2.0)
+SWEEP_LAMBDAS = (0.25, 0.5, 0.75, 1.0, 2.0)
 DP_NOISE = (0.5, 1.0)
 DP_CLIP = 1.0
 FALLBACK_LAMBDA = 0.5
@@ -46,6 +49,7 @@ DP_REFERENCE_SLUG = "pgd-dp-s1"
 LIRA = "LiRA online"
 LIRA_ADV = "LiRA online (adversarial queries)"
 EVAL_NAME = "eval_model0.json"
+DIVERGED_NAME = "diverged.json"
 PLOTS = {"roc": "roc_lira_online.png", "tradeoff": "privacy_robustness.png",
          "memorization": "accuracy_by_memorization.png"}
 SELECTION_RULE = (f"among the PGD-AT + DeMem sweep λ ∈ {{{', '.join(f'{x:g}' for x in SWEEP_LAMBDAS)}}}, the λ "
@@ -74,9 +78,26 @@ class Configuration:
         return f"{self.slug}-l{self.lam:g}" if self.method == "demem-trace" else self.slug
 
 
+def demem_fields(**overrides: Any) -> dict[str, Any]:
+    """Every DeMemConfig field, spelled out: a later change of the defaults cannot reuse stale models."""
+    return dataclasses.asdict(DeMemConfig(**overrides))
+
+
 def _dp(base: TrainConfig, noise: float) -> dict[str, Any]:
-    return {"use_demem": True, "demem": {"lam": 0.0, "max_grad_norm": DP_CLIP, "noise_multiplier": noise,
-                                         "clip_scope": "all", "expected_batch_size": base.batch_size}}
+    return {"use_demem": True, "demem": demem_fields(lam=0.0, max_grad_norm=DP_CLIP, noise_multiplier=noise,
+                                                     clip_scope="all", expected_batch_size=base.batch_size)}
+
+
+# Variants of the rule (DESIGN.md section 2) tried to move the trade-off; run with --configs variants|all.
+# Pinned to the provisional rule (hard selection, τ = mean + 1·std) except where they say otherwise.
+PROVISIONAL_RULE = {"selection": "hard", "threshold": "mean", "k": 1.0, "proxy": "loss"}
+VARIANTS: tuple[tuple[str, str, dict[str, Any]], ...] = (
+    ("pgd-demem-l1-k1.5", "λ = 1, τ = mean + 1.5·std", {"lam": 1.0, "k": 1.5}),
+    ("pgd-demem-l1-k2", "λ = 1, τ = mean + 2·std", {"lam": 1.0, "k": 2.0}),
+    ("pgd-demem-l1-soft", "λ = 1, soft selection T = 0.25", {"lam": 1.0, "selection": "soft", "temperature": 0.25}),
+    ("pgd-demem-l0.5-clip", "λ = 0.5, high-risk clipping C = 1", {"lam": 0.5, "max_grad_norm": 1.0,
+                                                                   "clip_scope": "high_risk"}),
+)
 
 
 def configurations(base: TrainConfig, trace_lam: float = FALLBACK_LAMBDA) -> list[Configuration]:
@@ -96,32 +117,39 @@ def configurations(base: TrainConfig, trace_lam: float = FALLBACK_LAMBDA) -> lis
                         "dp", noise=sigma, **_dp(base, sigma)))
     for lam in SWEEP_LAMBDAS:
         out.append(make(f"PGD-AT + DeMem (λ = {lam:g})", f"pgd-demem-l{lam:g}", pgd, "PGD-AT", "demem", lam=lam,
-                        use_demem=True, demem={"lam": lam}))
+                        use_demem=True, demem=demem_fields(lam=lam)))
     out.append(make(f"PGD-AT + DeMem, loss trace (λ = {trace_lam:g})", TRACE_SLUG, pgd, "PGD-AT", "demem-trace",
-                    lam=trace_lam, use_demem=True, demem={"lam": trace_lam, "proxy": "trace"}))
+                    lam=trace_lam, use_demem=True, demem=demem_fields(lam=trace_lam, proxy="trace")))
     out.append(make("TRADES", "trades", trades, "TRADES", "baseline", use_demem=False, demem={}))
     out.append(make(f"TRADES + DP-SGD (C = {DP_CLIP:g}, σ = 1)", "trades-dp-s1", trades, "TRADES", "dp", noise=1.0,
                     **_dp(base, 1.0)))
     out.append(make(f"TRADES + DeMem (λ = {default_lam:g})", "trades-demem", trades, "TRADES", "demem",
-                    lam=default_lam, use_demem=True, demem={"lam": default_lam}))
+                    lam=default_lam, use_demem=True, demem=demem_fields(lam=default_lam)))
+    for slug, label, overrides in VARIANTS:
+        out.append(make(f"PGD-AT + DeMem variant ({label})", slug, pgd, "PGD-AT", "demem-variant",
+                        lam=overrides["lam"], use_demem=True, demem=demem_fields(**{**PROVISIONAL_RULE, **overrides})))
     return out
 
 
-SLUGS = tuple(c.slug for c in configurations(TrainConfig()))
+ALL_SLUGS = tuple(c.slug for c in configurations(TrainConfig()))
+VARIANT_SLUGS = tuple(slug for slug, _, _ in VARIANTS)
+SLUGS = tuple(s for s in ALL_SLUGS if s not in VARIANT_SLUGS)  # the comparison (the default selection)
+KEYWORDS = {"all": ALL_SLUGS, "variants": VARIANT_SLUGS, "comparison": SLUGS}
 
 
 def parse_configs(text: Optional[str | Iterable[str]]) -> Optional[list[str]]:
-    """"a,b" (or a list) -> validated slugs in the comparison's order; None/empty -> None (all)."""
+    """"a,b" (or a list; keywords all/variants/comparison) -> validated slugs in order; None/empty -> None."""
     if text is None:
         return None
     items = [s.strip() for s in (text.split(",") if isinstance(text, str) else text) if s.strip()]
     if not items:
         return None
-    unknown = [s for s in items if s not in SLUGS]
+    expanded = {slug for item in items for slug in KEYWORDS.get(item, (item,))}
+    unknown = [s for s in items if s not in ALL_SLUGS and s not in KEYWORDS]
     if unknown:
         raise ValueError(f"unknown configuration(s) {', '.join(map(repr, unknown))}; "
-                         f"choose from: {', '.join(SLUGS)}")
-    return [s for s in SLUGS if s in items]
+                         f"choose from: {', '.join(ALL_SLUGS)} (or {', '.join(KEYWORDS)})")
+    return [s for s in ALL_SLUGS if s in expanded]
 
 
 # ---------------------------------------------------------------- training (in-process or parallel)
@@ -155,22 +183,52 @@ class _Pool:
             self.executor = None
 
 
+def divergence(c: Configuration, out: Path) -> Optional[dict[str, Any]]:
+    """The recorded divergence of c's training (None if none is recorded for this configuration)."""
+    path = out / c.folder / DIVERGED_NAME
+    if not path.exists():
+        return None
+    record = json.loads(path.read_text())
+    return record if record.get("config") == c.config.to_dict() else None
+
+
+def _record_divergence(c: Configuration, out: Path, model_id: int, exc: Exception,
+                       log: Callable[[str], None]) -> None:
+    """Write DIVERGED_NAME: training c is deterministic, so a rerun does not train it again."""
+    if divergence(c, out) is not None:
+        return
+    metrics = model_dir(out / c.folder, model_id) / "metrics.jsonl"
+    epochs = len([line for line in metrics.read_text().splitlines() if line.strip()]) if metrics.exists() else 0
+    record = {"config": c.config.to_dict(), "model": model_id, "epochs_completed": epochs, "error": str(exc)}
+    write_text_atomic(json.dumps(record, indent=2), out / c.folder / DIVERGED_NAME)
+    log(f"[{c.slug}] diverged: model {model_id} after {epochs} epochs: {exc}")
+
+
 def _train_all(selected: Sequence[Configuration], out: Path, num_models: int, keep_seed: int, pool: _Pool,
                progress: bool, log: Callable[[str], None]) -> dict[str, list[int]]:
-    """Train the missing shadow models of the configurations; returns the ids trained per folder."""
+    """Train the missing shadow models of the configurations; returns the ids trained per folder.
+
+    A configuration whose training turns non-finite (NonFiniteError) is recorded as diverged and its
+    other models are not trained; the run goes on with the other configurations.
+    """
     trained: dict[str, list[int]] = {c.folder: [] for c in selected}
-    todo = [(c, i) for c in selected for i in missing_models(out / c.folder, num_models)]
+    live = [c for c in selected if divergence(c, out) is None]
+    todo = [(c, i) for c in live for i in missing_models(out / c.folder, num_models)]
     if not todo:
         return trained
-    for c in selected:
+    for c in live:
         prepare_masks(c.config, out / c.folder, num_models, keep_seed)  # before workers race; refuses a mismatch
     if pool.jobs <= 1:
-        for c in selected:
-            if missing_models(out / c.folder, num_models):
-                log(f"[{c.slug}] training {num_models} shadow models ({c.name})")
-                trained[c.folder] = train_shadow_models(c.config, out / c.folder, num_models=num_models,
-                                                        seed=keep_seed, progress=progress,
-                                                        log=lambda m, s=c.slug: log(f"[{s}] {m}"))
+        for c, i in todo:
+            if divergence(c, out) is not None:
+                continue
+            log(f"[{c.slug}] training shadow model {i + 1}/{num_models} ({c.name})")
+            try:
+                trained[c.folder] += train_shadow_models(c.config, out / c.folder, num_models=num_models,
+                                                         seed=keep_seed, shard=(i, num_models), progress=progress,
+                                                         log=lambda m, s=c.slug: log(f"[{s}] {m}"))
+            except NonFiniteError as exc:
+                _record_divergence(c, out, i, exc, log)
         return trained
     log(f"training {len(todo)} shadow models in {pool.jobs} processes")
     executor = pool.get()
@@ -178,7 +236,16 @@ def _train_all(selected: Sequence[Configuration], out: Path, num_models: int, ke
                for c, i in todo}
     for done, future in enumerate(concurrent.futures.as_completed(futures), 1):
         c, i = futures[future]
-        trained[c.folder] += future.result()
+        if future.cancelled():
+            continue
+        try:
+            trained[c.folder] += future.result()
+        except NonFiniteError as exc:
+            _record_divergence(c, out, i, exc, log)
+            for other, (c2, _) in futures.items():
+                if c2 is c:
+                    other.cancel()  # models of c not started yet
+            continue
         log(f"[{c.slug}] model {i} done ({done}/{len(todo)})")
     for ids in trained.values():
         ids.sort()
@@ -187,30 +254,55 @@ def _train_all(selected: Sequence[Configuration], out: Path, num_models: int, ke
 
 # ---------------------------------------------------------------- evaluation of one configuration
 
-def _evaluate_model0(c: Configuration, folder: Path, autoattack: str, limit: Optional[int],
-                     log: Callable[[str], None]) -> dict[str, Any]:
-    """Natural, PGD-20 and AutoAttack accuracy of model 0 on the test split, cached in EVAL_NAME."""
-    from demem_ext.adversarial.robustness import evaluate
-    from demem_ext.checkpoint import load_checkpoint
-    from demem_ext.training import restore
+def _eval_settings(autoattack: str, limit: Optional[int]) -> dict[str, Any]:
+    return {"autoattack": autoattack, "limit": limit, "model": 0}
 
+
+def _cached_evaluation(folder: Path, autoattack: str, limit: Optional[int]) -> Optional[dict[str, Any]]:
     path = folder / EVAL_NAME
-    settings = {"autoattack": autoattack, "limit": limit, "model": 0}
     if path.exists():
         cached = json.loads(path.read_text())
-        if cached.get("settings") == settings:
+        if cached.get("settings") == _eval_settings(autoattack, limit):
             return cached
-    log(f"[{c.slug}] evaluating model 0 (natural, PGD-20, AutoAttack {autoattack})")
+    return None
+
+
+def _evaluate_model0(folder: Path, autoattack: str, limit: Optional[int]) -> dict[str, Any]:
+    """Natural, PGD-20 and AutoAttack accuracy of model 0 on the test split, cached in EVAL_NAME."""
+    from demem_ext.adversarial.robustness import evaluate
+    from demem_ext.training import restore
+
+    cached = _cached_evaluation(folder, autoattack, limit)
+    if cached is not None:
+        return cached
     start = time.perf_counter()
     payload = load_checkpoint(model_dir(folder, 0) / "checkpoint.pt", expected_format="demem-ext/train-v1")
     state = restore(payload)
     cfg = state.config
     result = evaluate(state.model, state.test_set, cfg.eps, state.info.num_classes, clamp=state.info.input_range,
                       autoattack=autoattack, device=cfg.device, limit=limit, seed=cfg.seed)
-    result["settings"] = settings
+    result["settings"] = _eval_settings(autoattack, limit)
     result["seconds"] = round(time.perf_counter() - start, 1)
-    path.write_text(json.dumps(result, indent=2))
+    write_text_atomic(json.dumps(result, indent=2), folder / EVAL_NAME)
     return result
+
+
+def _evaluate_all(selected: Sequence[Configuration], out: Path, autoattack: str, limit: Optional[int], pool: _Pool,
+                  log: Callable[[str], None]) -> None:
+    """Evaluate model 0 of every trained, undiverged configuration lacking a cached result (in the pool)."""
+    todo = [c for c in selected if divergence(c, out) is None and _cached_evaluation(out / c.folder, autoattack, limit)
+            is None]
+    if not todo:
+        return
+    log(f"evaluating model 0 of {len(todo)} configuration(s) (natural, PGD-20, AutoAttack {autoattack})")
+    if pool.jobs <= 1:
+        for c in todo:
+            _evaluate_model0(out / c.folder, autoattack, limit)
+        return
+    futures = {pool.get().submit(_evaluate_model0, out / c.folder, autoattack, limit): c for c in todo}
+    for future in concurrent.futures.as_completed(futures):
+        future.result()
+        log(f"[{futures[future].slug}] model 0 evaluated")
 
 
 def _train_seconds(folder: Path, num_models: int) -> float:
@@ -223,11 +315,29 @@ def _train_seconds(folder: Path, num_models: int) -> float:
     return total
 
 
+def _identity(c: Configuration) -> dict[str, Any]:
+    return {"name": c.name, "slug": c.slug, "folder": c.folder, "family": c.family, "method": c.method,
+            "lam": c.lam, "noise_multiplier": c.noise, "report_epsilon": c.report_epsilon, "config": c.config.to_dict()}
+
+
+def _diverged_row(c: Configuration, out: Path, num_models: int, record: dict[str, Any]) -> dict[str, Any]:
+    """A configuration whose training diverged: the record, and the test accuracy of its finished models."""
+    finished = [i for i in range(num_models) if i not in missing_models(out / c.folder, num_models)]
+    stats = [load_checkpoint(model_dir(out / c.folder, i) / "stats.pt", expected_format=STATS_FORMAT) for i in finished]
+
+    def mean(key: str) -> Optional[float]:
+        return sum(float(s[key]) for s in stats) / len(stats) if stats else None
+
+    return {"status": "diverged", **_identity(c), "divergence": {k: v for k, v in record.items() if k != "config"},
+            "finished_models": len(finished), "mean_test_natural_acc": mean("test_natural_acc"),
+            "mean_test_pgd20_acc": mean("test_pgd20_acc"), "train_seconds": round(_train_seconds(out / c.folder,
+                                                                                                  num_models), 1)}
+
+
 def _row(c: Configuration, report: dict[str, Any], evaluation: dict[str, Any], seconds: float) -> dict[str, Any]:
     attacks = report["attacks"]
     return {
-        "name": c.name, "slug": c.slug, "folder": c.folder, "family": c.family, "method": c.method,
-        "lam": c.lam, "noise_multiplier": c.noise, "report_epsilon": c.report_epsilon, "config": c.config.to_dict(),
+        "status": "ok", **_identity(c),
         "mean_test_natural_acc": report["test_accuracy"]["natural"],
         "mean_test_pgd20_acc": report["test_accuracy"]["pgd20"],
         "model0": {k: evaluation.get(k) for k in ("natural_acc", "pgd20_acc", "autoattack_acc", "autoattack_version",
@@ -240,6 +350,16 @@ def _row(c: Configuration, report: dict[str, Any], evaluation: dict[str, Any], s
     }
 
 
+def _evaluate(c: Configuration, out: Path, num_models: int, autoattack: str, eval_limit: Optional[int],
+              log: Callable[[str], None], rows: dict[str, dict[str, Any]], stats: dict[str, dict[str, Any]]) -> None:
+    """rows[c.slug] (and stats[c.slug] unless c diverged)."""
+    record = divergence(c, out)
+    if record is not None:
+        rows[c.slug] = _diverged_row(c, out, num_models, record)
+        return
+    rows[c.slug], stats[c.slug] = _run_configuration(c, out, num_models, autoattack, eval_limit, log)
+
+
 def _run_configuration(c: Configuration, out: Path, num_models: int, autoattack: str, eval_limit: Optional[int],
                        log: Callable[[str], None]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Audit (always recomputed from the saved stats: cheap) and the cached model-0 evaluation."""
@@ -247,8 +367,11 @@ def _run_configuration(c: Configuration, out: Path, num_models: int, autoattack:
 
     folder = out / c.folder
     stats = load_stats(folder, num_models)
+    if stats["settings"]["config"] != c.config.to_dict():
+        raise ValueError(f"{folder} holds models trained with another configuration than {c.slug!r} has now "
+                         f"(e.g. after a change of DeMemConfig's defaults): use another --out or remove the folder")
     report = run_audit(stats, folder, title=f"{c.name}: membership inference")
-    evaluation = _evaluate_model0(c, folder, autoattack, eval_limit, log)
+    evaluation = _evaluate_model0(folder, autoattack, eval_limit)
     row = _row(c, report, evaluation, _train_seconds(folder, num_models))
     log(f"[{c.slug}] natural {100 * row['mean_test_natural_acc']:.2f}%  PGD-20 {100 * row['mean_test_pgd20_acc']:.2f}%"
         f"  LiRA TPR@1% {100 * row['lira_online']['tpr_at_fpr_0.01']:.2f}%  AUC {row['lira_online']['auc']:.3f}")
@@ -260,7 +383,8 @@ def _run_configuration(c: Configuration, out: Path, num_models: int, autoattack:
 def choose_lambda(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Apply SELECTION_RULE to the result rows (by slug); returns {lam, rule, reason, candidates}."""
     base = rows.get(BASELINE_SLUG)
-    sweep = [r for r in rows.values() if r["method"] == "demem" and r["family"] == "PGD-AT"]
+    sweep = [r for r in rows.values()
+             if r["method"] == "demem" and r["family"] == "PGD-AT" and r.get("status", "ok") == "ok"]
     choice = {"rule": SELECTION_RULE, "lam": FALLBACK_LAMBDA, "candidates": []}
     if base is None or not sweep:
         choice["reason"] = (f"fallback λ = {FALLBACK_LAMBDA:g}: no results for "
@@ -312,9 +436,11 @@ def plot_tradeoff(rows: Sequence[dict[str, Any]], path: Path, use_autoattack: bo
     """TPR at 1% FPR (LiRA online) against robust accuracy, one labelled point per configuration."""
     fig = _figure((8, 5.5))
     ax = fig.add_subplot()
-    markers = {"baseline": "o", "dp": "s", "demem": "^", "demem-trace": "D"}
+    markers = {"baseline": "o", "dp": "s", "demem": "^", "demem-trace": "D", "demem-variant": "v"}
     colors = {"PGD-AT": "tab:blue", "TRADES": "tab:orange"}
     for r in rows:
+        if r["status"] != "ok":
+            continue
         x = r["model0"]["autoattack_acc"] if use_autoattack else r["mean_test_pgd20_acc"]
         if x is None:
             continue
@@ -322,7 +448,7 @@ def plot_tradeoff(rows: Sequence[dict[str, Any]], path: Path, use_autoattack: bo
         ax.scatter([100 * x], [100 * y], marker=markers[r["method"]], color=colors[r["family"]], s=40)
         ax.annotate(r["name"], (100 * x, 100 * y), textcoords="offset points", xytext=(4, 3), fontsize="x-small")
     for method, label in (("baseline", "no defence"), ("dp", "DP-SGD"), ("demem", "DeMem (loss)"),
-                          ("demem-trace", "DeMem (loss trace)")):
+                          ("demem-trace", "DeMem (loss trace)"), ("demem-variant", "DeMem variant")):
         ax.scatter([], [], marker=markers[method], color="gray", label=label)
     for family, color in colors.items():
         ax.scatter([], [], marker="o", color=color, label=family)
@@ -410,8 +536,8 @@ def reproduce(out_dir: str | Path, quick: bool = False, dataset: str = "digits",
               ) -> dict[str, Any]:
     """Run (or resume) the comparison in out_dir; returns the summary (also out_dir/summary.json).
 
-    quick: M = 4 models, 10 epochs, AutoAttack "fast"; else M = 16, TrainConfig's epochs, "standard".
-    configs: slugs to run (default: all, see SLUGS). jobs > 1: shadow models in parallel processes.
+    quick: M = 4 models, 15 epochs of batch 32, AutoAttack "fast"; else M = 16, TrainConfig's epochs, "standard".
+    configs: slugs or keywords (default: the comparison, SLUGS; see parse_configs). jobs > 1: shadow models in parallel processes.
     base_overrides: TrainConfig fields applied to the base configuration (e.g. attack_steps, batch_size).
     eval_limit: evaluate model 0 on the first N test samples only. results_path: also write the report
     there (PNGs copied next to it); out_dir/results.md is always written.
@@ -430,6 +556,8 @@ def reproduce(out_dir: str | Path, quick: bool = False, dataset: str = "digits",
     base_values: dict[str, Any] = {"dataset": dataset, **(base_overrides or {})}
     if epochs is not None or quick:
         base_values["epochs"] = epochs if epochs is not None else QUICK_EPOCHS
+    if quick:
+        base_values.setdefault("batch_size", QUICK_BATCH)
     base = TrainConfig(**base_values)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -443,24 +571,27 @@ def reproduce(out_dir: str | Path, quick: bool = False, dataset: str = "digits",
     pool = _Pool(jobs)
     try:
         trained.update(_train_all(first, out, num_models, keep_seed, pool, progress, log))
+        _evaluate_all(first, out, autoattack, eval_limit, pool, log)
         for c in first:
-            rows[c.slug], stats[c.slug] = _run_configuration(c, out, num_models, autoattack, eval_limit, log)
+            _evaluate(c, out, num_models, autoattack, eval_limit, log, rows, stats)
         choice = choose_lambda(_sweep_rows_on_disk(all_configs, out, num_models, rows))
         log(f"λ choice: {choice['reason']}")
         if TRACE_SLUG in selected_slugs:
             trace = next(c for c in configurations(base, trace_lam=choice["lam"]) if c.slug == TRACE_SLUG)
             trained.update(_train_all([trace], out, num_models, keep_seed, pool, progress, log))
-            rows[trace.slug], stats[trace.slug] = _run_configuration(trace, out, num_models, autoattack, eval_limit,
-                                                                     log)
+            _evaluate_all([trace], out, autoattack, eval_limit, pool, log)
+            _evaluate(trace, out, num_models, autoattack, eval_limit, log, rows, stats)
     finally:
         pool.close()
 
-    ordered = [rows[s] for s in SLUGS if s in rows]
+    ordered = [rows[s] for s in ALL_SLUGS if s in rows]
     plots: dict[str, Optional[str]] = {}
     curves = {}
     from demem_ext.privacy import lira, metrics
 
     for r in ordered:
+        if r["status"] != "ok":
+            continue
         s = stats[r["slug"]]
         scores, labels = lira.leave_one_out(lira.logit_confidence(s["logits"], s["labels"]), s["keep"], online=True)
         curves[r["name"]] = metrics.roc(scores, labels)
@@ -468,9 +599,11 @@ def reproduce(out_dir: str | Path, quick: bool = False, dataset: str = "digits",
     use_aa = autoattack != "none"
     plots["tradeoff"] = plot_tradeoff(ordered, out / PLOTS["tradeoff"], use_aa).name
     best_slug = f"pgd-demem-l{choice['lam']:g}"
+    default_slug = f"pgd-demem-l{DeMemConfig().lam:g}"
     by_bin: dict[str, Any] = {}
     if BASELINE_SLUG in stats:
-        chosen = {rows[s]["name"]: stats[s] for s in (BASELINE_SLUG, DP_REFERENCE_SLUG, best_slug) if s in stats}
+        shown = dict.fromkeys((BASELINE_SLUG, DP_REFERENCE_SLUG, default_slug, best_slug))
+        chosen = {rows[s]["name"]: stats[s] for s in shown if s in stats}
         by_bin = accuracy_by_memorization(stats[BASELINE_SLUG], chosen)
         plots["memorization"] = plot_accuracy_by_memorization(by_bin, out / PLOTS["memorization"]).name
     else:
@@ -489,7 +622,7 @@ def reproduce(out_dir: str | Path, quick: bool = False, dataset: str = "digits",
         "rows": ordered, "accuracy_by_memorization": by_bin, "plots": plots,
         "robust_axis": "AutoAttack accuracy of model 0" if use_aa else "mean PGD-20 test accuracy",
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    write_text_atomic(json.dumps(summary, indent=2, default=str), out / "summary.json")
     write_results(summary, out / "results.md")
     if results_path is not None:
         write_results(summary, results_path)
@@ -552,6 +685,10 @@ def write_results(summary: dict[str, Any], path: str | Path) -> Path:
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
+        if r["status"] != "ok":
+            lines.append(f"| {r['name']} (`{r['folder']}`) | **diverged**: {_pct(r['mean_test_natural_acc'])} | "
+                         f"{_pct(r['mean_test_pgd20_acc'])} | — | — | — | — | — | — | {r['train_seconds']:.0f} s |")
+            continue
         eps = f"{r['epsilon']:.3g}" if r["epsilon"] is not None else "—"
         lines.append(f"| {r['name']} (`{r['folder']}`) | {_pct(r['mean_test_natural_acc'])} | "
                      f"{_pct(r['mean_test_pgd20_acc'])} | {_pct(r['model0']['autoattack_acc'])} | "
@@ -561,9 +698,18 @@ def write_results(summary: dict[str, Any], path: str | Path) -> Path:
     lines += ["", "Model 0 alone (the model AutoAttack evaluates):", "",
               "| configuration | natural | PGD-20 | AutoAttack |", "|---|---:|---:|---:|"]
     for r in rows:
-        m = r["model0"]
-        lines.append(f"| {r['name']} | {_pct(m['natural_acc'])} | {_pct(m['pgd20_acc'])} | {_pct(m['autoattack_acc'])} |")
-    eps_notes = [r for r in rows if r["report_epsilon"]]
+        if r["status"] == "ok":
+            m = r["model0"]
+            lines.append(f"| {r['name']} | {_pct(m['natural_acc'])} | {_pct(m['pgd20_acc'])} | "
+                         f"{_pct(m['autoattack_acc'])} |")
+    diverged = [r for r in rows if r["status"] == "diverged"]
+    if diverged:
+        lines += ["", "Diverged configurations (training stopped at the first non-finite loss or gradient; their "
+                  "natural / PGD-20 cells are the mean test accuracy of the models finished before):", ""]
+        lines += [f"- {r['name']}: model {r['divergence']['model']} after {r['divergence']['epochs_completed']} "
+                  f"completed epochs ({r['finished_models']} of {summary['num_models']} models finished): "
+                  f"`{r['divergence']['error']}`" for r in diverged]
+    eps_notes = [r for r in rows if r["report_epsilon"] and r["status"] == "ok"]
     if eps_notes:
         lines += ["", "ε of the DP-SGD configurations:", ""]
         lines += [f"- {r['name']}: {r['epsilon_reason']}" for r in eps_notes]
@@ -601,7 +747,7 @@ def write_results(summary: dict[str, Any], path: str | Path) -> Path:
     lines += [_hand_written_reading(path) or
               "_To be written by hand_: the plain reading of claims (a)–(d) is written after looking at the "
               "numbers above. This section is deliberately not generated.", ""]
-    path.write_text("\n".join(lines))
+    write_text_atomic("\n".join(lines), path)
     return path
 
 

@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 
 from demem_ext.cli import main
-from demem_ext.reproduce import SLUGS, choose_lambda, configurations, parse_configs, reproduce
+from demem_ext.config import DeMemConfig
+from demem_ext.reproduce import (ALL_SLUGS, SLUGS, VARIANT_SLUGS, choose_lambda, configurations, demem_fields,
+                                 parse_configs, reproduce)
 from demem_ext.training import TrainConfig
 
 CONFIGS = ["pgd-at", "pgd-dp-s1", "pgd-demem-l1", "pgd-demem-trace"]
@@ -35,7 +37,7 @@ def test_reproduce_end_to_end_then_rerun_trains_nothing(tmp_path: Path, capsys: 
         assert json.loads((out / folder / "eval_model0.json").read_text())["autoattack_version"] == "fast"
     rows = {r["slug"]: r for r in summary["rows"]}
     assert rows["pgd-dp-s1"]["epsilon"] is not None and rows["pgd-at"]["epsilon"] is None
-    assert rows["pgd-demem-trace"]["config"]["demem"] == {"lam": lam, "proxy": "trace"}
+    assert rows["pgd-demem-trace"]["config"]["demem"] == demem_fields(lam=lam, proxy="trace")
     for png in PLOTS:
         assert (out / png).stat().st_size > 1000
     text = (out / "results.md").read_text()
@@ -61,22 +63,34 @@ def test_unknown_configuration_is_a_clear_error(tmp_path: Path, capsys: pytest.C
         parse_configs("pgd-at,nope")
     assert main(["reproduce", "--configs", "pgd-at,nope", "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
-    assert "nope" in err and ", ".join(SLUGS) in err
+    assert "nope" in err and ", ".join(ALL_SLUGS) in err
     assert not (tmp_path / "x").exists()
 
 
 def test_configurations_cover_the_comparison() -> None:
     base = TrainConfig(epochs=3, batch_size=32)
     configs = {c.slug: c for c in configurations(base, trace_lam=2.0)}
-    assert tuple(configs) == SLUGS and len(set(SLUGS)) == len(SLUGS)
+    assert tuple(configs) == ALL_SLUGS and len(set(ALL_SLUGS)) == len(ALL_SLUGS)
+    assert SLUGS + VARIANT_SLUGS == ALL_SLUGS and len(SLUGS) == 12
     assert not configs["pgd-at"].config.use_demem and configs["trades"].config.at == "trades"
     dp = configs["pgd-dp-s0.5"].config
-    assert dp.per_sample() and dp.demem == {"lam": 0.0, "max_grad_norm": 1.0, "noise_multiplier": 0.5,
-                                            "clip_scope": "all", "expected_batch_size": 32}
-    assert [configs[f"pgd-demem-l{x}"].lam for x in ("0.25", "0.5", "1", "2")] == [0.25, 0.5, 1.0, 2.0]
+    assert dp.per_sample() and dp.demem == demem_fields(lam=0.0, max_grad_norm=1.0, noise_multiplier=0.5,
+                                                        clip_scope="all", expected_batch_size=32)
+    # every DeMem field is spelled out, so a change of DeMemConfig's defaults cannot silently reuse old models
+    assert all(set(c.config.demem) == set(DeMemConfig.__dataclass_fields__) for c in configs.values()
+               if c.config.use_demem)
+    variant = configs["pgd-demem-l1-k2"].config.demem_config()
+    assert (variant.lam, variant.k, variant.threshold, variant.selection) == (1.0, 2.0, "mean", "hard")
+    assert [configs[f"pgd-demem-l{x}"].lam for x in ("0.25", "0.5", "0.75", "1", "2")] == [0.25, 0.5, 0.75, 1.0, 2.0]
     assert configs["pgd-demem-trace"].folder == "pgd-demem-trace-l2"
     assert all(c.config.epochs == 3 for c in configs.values())
     assert [s for s, c in configs.items() if c.report_epsilon] == ["pgd-dp-s0.5", "pgd-dp-s1", "trades-dp-s1"]
+
+
+def test_configuration_keywords() -> None:
+    assert parse_configs("variants") == list(VARIANT_SLUGS)
+    assert parse_configs("all") == list(ALL_SLUGS) and parse_configs("comparison") == list(SLUGS)
+    assert parse_configs("pgd-demem-l1-k2,pgd-at") == ["pgd-at", "pgd-demem-l1-k2"]
 
 
 def test_lambda_choice_rule() -> None:
@@ -93,3 +107,49 @@ def test_lambda_choice_rule() -> None:
     del rows["a"], rows["b"]
     assert choose_lambda(rows)["lam"] == 0.5  # none qualifies
     assert choose_lambda({})["lam"] == 0.5 and "fallback" in choose_lambda({})["reason"]
+
+
+def test_diverged_configuration_is_recorded_and_not_retrained(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """λ > 1 can diverge: the run records it, reports it and goes on; a rerun does not train it again."""
+    import demem_ext.reproduce as rep
+    from demem_ext.functional import NonFiniteError
+
+    real = rep.train_shadow_models
+    calls: list[float] = []
+
+    def fake(cfg: TrainConfig, *args, **kwargs):  # λ = 2 "diverges" in its first model
+        calls.append(cfg.demem.get("lam", 0.0))
+        if cfg.demem.get("lam") == 2.0:
+            raise NonFiniteError("per_sample_losses has non-finite values")
+        return real(cfg, *args, **kwargs)
+
+    monkeypatch.setattr(rep, "train_shadow_models", fake)
+    kwargs = dict(models=2, epochs=1, configs=["pgd-at", "pgd-demem-l2"], jobs=1, autoattack="none",
+                  eval_limit=16, base_overrides={"attack_steps": 1, "batch_size": 256}, log=_quiet)
+    summary = reproduce(tmp_path, **kwargs)
+    rows = {r["slug"]: r for r in summary["rows"]}
+    assert rows["pgd-at"]["status"] == "ok" and rows["pgd-demem-l2"]["status"] == "diverged"
+    assert rows["pgd-demem-l2"]["divergence"]["model"] == 0 and rows["pgd-demem-l2"]["finished_models"] == 0
+    assert json.loads((tmp_path / "pgd-demem-l2" / "diverged.json").read_text())["error"].endswith("non-finite values")
+    assert summary["lambda_choice"]["candidates"] == []  # a diverged λ is not a candidate
+    text = (tmp_path / "results.md").read_text()
+    assert "**diverged**" in text and "Diverged configurations" in text
+    calls.clear()
+    reproduce(tmp_path, **kwargs)
+    assert calls == []  # neither the finished nor the diverged configuration is trained again
+
+
+def test_folder_of_another_configuration_is_refused(tmp_path: Path) -> None:
+    """Models trained under other DeMem settings (e.g. before a change of defaults) are never reused."""
+    import demem_ext.reproduce as rep
+
+    kwargs = dict(models=2, epochs=1, configs=["pgd-demem-l1"], autoattack="none", eval_limit=16,
+                  base_overrides={"attack_steps": 1, "batch_size": 256}, log=_quiet)
+    reproduce(tmp_path, **kwargs)
+    from demem_ext.checkpoint import load_checkpoint, save_checkpoint
+
+    keep = load_checkpoint(tmp_path / "pgd-demem-l1" / "keep.pt")
+    keep["settings"]["config"]["demem"]["k"] = 2.0
+    save_checkpoint(keep, tmp_path / "pgd-demem-l1" / "keep.pt")
+    with pytest.raises(ValueError, match="another configuration"):
+        rep.reproduce(tmp_path, **kwargs)
