@@ -8,6 +8,9 @@ Two paths lead to the wrapped `optimizer.step()`:
   torch.func (`demem_ext.per_sample`), in chunks of bounded memory, reduced by the fused op to
   Σ w_i·c_i·g_i and accumulated until the step, which adds the noise once, divides by D and writes
   the result into the parameters' `.grad` before calling the optimizer's own step.
+
+Under torch.distributed (world size > 1) both paths give the update of one process holding the
+global batch; the collectives are in `demem_ext.distributed` (see the DeMem docstring).
 """
 
 from __future__ import annotations
@@ -25,9 +28,10 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence
 import torch
 from torch import nn
 
-from demem_ext import functional, reference
+from demem_ext import distributed, functional, reference
 from demem_ext.autograd import demem_loss
 from demem_ext.config import DeMemConfig
+from demem_ext.opacus_engine import OpacusEngine
 from demem_ext.per_sample import (
     LossModule,
     check_loss_shape,
@@ -39,6 +43,7 @@ from demem_ext.privacy import accounting
 
 CHUNK_BUDGET_BYTES = 256 * 2**20  # per-sample gradient rows per chunk: chunk·P·itemsize <= this
 NONFINITE_MODES = ("error", "skip")
+ENGINES = ("torch.func", "opacus")
 STATE_KEYS = ("trace", "visited", "seed", "offset", "steps", "noisy_batch_sizes")
 _WRAPPED: "weakref.WeakSet[torch.optim.Optimizer]" = weakref.WeakSet()  # optimizers inside a DeMem block
 
@@ -93,7 +98,32 @@ class DeMem:
     seed: noise seed (None: drawn from torch's global generator); secure_noise: a fresh seed from
     os.urandom for every noisy step. nonfinite: "error" (raise) or "skip" (drop non-finite samples
     and count them in `stats`). chunk_size: per-sample gradient rows computed at once (None: as
-    many as fit in 256 MiB).
+    many as fit in 256 MiB). engine: where per-sample gradients come from — "torch.func" (vmap over
+    `loss_fn`, in chunks) or "opacus" (Opacus's GradSampleModule hooks on the model, while the block
+    is active; then `dm.backward(per_sample_losses)` also works with clipping and noise, the losses
+    coming from a train-mode forward of the model; Opacus must be installed).
+
+    Under torch.distributed (initialised, world size > 1) the order is
+    `DeMem(DistributedDataParallel(model), optimizer)`: DDP inside, DeMem outside, on every rank,
+    with the same configuration (checked when entering the block: a mismatch, or a model not wrapped
+    in DDP, is a ValueError on every rank). Each rank passes its own samples; the update equals that
+    of one process holding all ranks' samples:
+
+    - the threshold τ and D come from the global batch (every rank's scores are gathered; ranks may
+      hold different numbers of samples; D = expected_batch_size or the total over ranks);
+    - `backward`: the loss is scaled by the world size, so that DDP's gradient average
+      is (1/D)·Σ_all w_i·ℓ_i (the losses must come from the DDP model's forward);
+    - `backward_per_sample`: per-sample gradients of the module inside DDP (`loss_fn` gets that
+      module); at the step the sums and counts are all-reduced, every rank adds the same noise (rank
+      0's seed; with secure_noise rank 0 draws it and broadcasts it), divides by D and writes the
+      same `.grad` (DDP's own all-reduce never runs on this path);
+    - proxy="trace": `indices` are global dataset indices (DistributedSampler); every rank's trace
+      gets every rank's losses, so all traces equal the single-process one;
+    - `privacy_spent` counts the global noisy batch sizes; `stats` describe this rank's samples.
+
+    A non-finite sample with nonfinite="error" stops every rank with a NonFiniteError, at the backward
+    call, or at the step for non-finite gradients found after the batch was split into chunks.
+    Without torch.distributed, or with one rank, none of this runs.
     """
 
     def __init__(
@@ -107,6 +137,7 @@ class DeMem:
         secure_noise: bool = False,
         nonfinite: str = "error",
         chunk_size: Optional[int] = None,
+        engine: str = "torch.func",
         **overrides: Any,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -125,6 +156,8 @@ class DeMem:
             raise ValueError("proxy='trace' needs num_samples (the dataset size) to hold the loss trace")
         if nonfinite not in NONFINITE_MODES:
             raise ValueError(f"nonfinite must be 'error' or 'skip', got {nonfinite!r}")
+        if engine not in ENGINES:
+            raise ValueError(f"engine must be one of {', '.join(map(repr, ENGINES))}, got {engine!r}")
         if chunk_size is not None:
             _positive_int("chunk_size", chunk_size)
         if not isinstance(secure_noise, bool):
@@ -136,12 +169,15 @@ class DeMem:
                 raise ValueError(f"seed must be an int in [0, 2**64) or None, got {seed!r}")
 
         self.model = model
+        self._module = distributed.unwrap(model)  # per-sample gradients never go through DDP's forward
         self.optimizer = optimizer
         self.config = config
         self.num_samples = num_samples
         self.secure_noise = secure_noise
         self.nonfinite = nonfinite
         self.chunk_size = chunk_size
+        self.engine = engine
+        self._opacus: Optional[OpacusEngine] = None  # the hooks, while the block is active
         # Per-sample path: the fused op sums w_i·c_i·g_i; noise and the division by D wait for the step.
         self._sum_config = config.replace(noise_multiplier=0.0, expected_batch_size=1)
 
@@ -152,6 +188,7 @@ class DeMem:
         self._offset = 0
         self._steps = 0
         self._noisy_batch_sizes: list[int] = []
+        self._world = 1  # ranks taking part (set when entering the block)
 
         self._active = False
         self._had_step_attr = False
@@ -168,6 +205,11 @@ class DeMem:
         opt = self.optimizer
         if opt in _WRAPPED:
             raise RuntimeError("optimizer is already wrapped by another active DeMem")
+        self._world = self._join_group() if distributed.is_distributed() else 1
+        if self.engine == "opacus":
+            if self._world > 1:
+                raise ValueError("engine='opacus' is not supported under torch.distributed: use engine='torch.func'")
+            self._opacus = OpacusEngine(self._module)
         self._had_step_attr = "step" in vars(opt)
         self._saved_step = vars(opt).get("step")
         self._real_step = opt.step
@@ -189,12 +231,30 @@ class DeMem:
         else:
             vars(opt).pop("step", None)
         _WRAPPED.discard(opt)
+        if self._opacus is not None:
+            self._opacus.close()
+            self._opacus = None
         self._active = False
         self._real_step = self._saved_step = None
         if self._grad_sum is not None and exc_type is None:
             warnings.warn("DeMem block exited with per-sample gradients that no optimizer.step() "
                           "applied; they were discarded", RuntimeWarning, stacklevel=2)
         self._reset_pending()
+
+    def _join_group(self) -> int:
+        """Under torch.distributed: the same configuration and a DDP model on every rank, rank 0's seed."""
+        ddp = distributed.is_ddp(self.model)
+        distributed.check_same_config({
+            **dataclasses.asdict(self.config), "nonfinite": self.nonfinite, "secure_noise": self.secure_noise,
+            "num_samples": self.num_samples, "model wrapped in DistributedDataParallel": ddp})
+        if not ddp:
+            raise ValueError(
+                f"under torch.distributed (world size {distributed.world_size()}) DeMem needs the "
+                f"DistributedDataParallel-wrapped model, got {type(self.model).__name__}: wrap as "
+                f"{distributed.WRAPPER_ORDER}")
+        if not self.secure_noise:
+            self._seed = distributed.broadcast_seed(self._seed)
+        return distributed.world_size()
 
     # ------------------------------------------------------------------ public API
     @property
@@ -206,14 +266,18 @@ class DeMem:
         """Backward of (1/D)·Σ_i w_i·ℓ_i for per-sample losses [B] (D = expected_batch_size or B).
 
         An ordinary `loss.backward()`: gradients accumulate into `.grad` as usual. Without clipping
-        and noise only; `indices` ([B] dataset indices) are required with proxy="trace".
+        and noise only, except with engine="opacus", where a config that clips or adds noise takes
+        the per-sample path (as `backward_per_sample`) with Opacus's per-sample gradients of these
+        losses. `indices` ([B] dataset indices) are required with proxy="trace".
         """
         self._check_active("backward")
         cfg = self.config
-        if cfg.max_grad_norm is not None or cfg.noise_multiplier > 0:
+        per_sample = cfg.max_grad_norm is not None or cfg.noise_multiplier > 0
+        if per_sample and self._opacus is None:
             raise ValueError("this config clips (max_grad_norm) or adds noise (noise_multiplier), which "
-                             "needs per-sample gradients: use dm.backward_per_sample(loss_fn, *batch)")
-        self._check_path("weighting")
+                             "needs per-sample gradients: use dm.backward_per_sample(loss_fn, *batch), "
+                             "or DeMem(..., engine='opacus')")
+        self._check_path("per_sample" if per_sample else "weighting")
         losses = per_sample_losses
         if not isinstance(losses, torch.Tensor):
             raise TypeError(f"per_sample_losses must be a torch.Tensor, got {type(losses).__name__}")
@@ -225,6 +289,12 @@ class DeMem:
             raise ValueError("per_sample_losses does not require grad: compute it from the model "
                              "outside torch.no_grad() and without .detach()")
         idx = self._check_indices(indices, losses.shape[0])
+        if per_sample:
+            self._backward_opacus(losses, idx)
+            return
+        if self._world > 1:
+            self._backward_global(losses, idx)
+            return
         keep = self._keep(torch.isfinite(losses.detach()), "per_sample_losses has non-finite values")
         if not bool(keep.all()):
             losses = losses[keep]
@@ -232,12 +302,66 @@ class DeMem:
         if losses.numel() > 0:
             scores = self._scores(losses.detach(), idx)
             weights, risk = functional.demem_weights(scores, cfg)
-            demem_loss(losses, cfg, scores=scores).backward()
+            if self._opacus is None:
+                demem_loss(losses, cfg, scores=scores).backward()
+            else:
+                with self._opacus.quiet():
+                    demem_loss(losses, cfg, scores=scores).backward()
+                for p in self._module.parameters():  # the hooks ran; the weighting path does not use them
+                    p.grad_sample = None
             self._commit_trace(losses.detach(), idx)
         else:
             weights = risk = losses.new_zeros(0).detach()
         self._path = "weighting"
         self._record(weights, risk, None, int((~keep).sum()))
+
+    def _backward_global(self, losses: torch.Tensor, idx: Optional[torch.Tensor]) -> None:
+        """`backward` under torch.distributed: τ and D from the global batch, and the loss scaled by
+        the world size, so that DDP's average of the ranks' gradients is (1/D)·Σ_all w_i·ℓ_i."""
+        cfg = self.config
+        detached = losses.detach()
+        keep = torch.isfinite(detached)
+        idx = None if idx is None else idx[keep.cpu()]
+        scores = self._scores(detached[keep], idx)
+        rule, total = self._global_rule(cfg, scores, keep, "per_sample_losses has non-finite values")
+        kept = losses[keep]
+        weights = risk = detached.new_zeros(0)
+        if kept.numel() > 0:
+            weights, risk = functional.demem_weights(scores, rule)
+            rule = rule.replace(expected_batch_size=cfg.expected_batch_size or total)
+            (demem_loss(kept, rule, scores=scores) * self._world).backward()
+        elif total > 0:  # others have samples: take part in DDP's all-reduce with zero gradients
+            sum((p * 0).sum() for _, p in self._trainable_parameters()).backward()
+        self._commit_trace(detached[keep], idx)
+        self._path = "weighting"
+        self._record(weights, risk, None, int((~keep).sum()))
+
+    def _global_rule(self, config: DeMemConfig, scores: torch.Tensor, keep: torch.Tensor,
+                     problem: str) -> tuple[DeMemConfig, int]:
+        """`config` with threshold "fixed" at τ of all ranks' kept scores, and their number.
+
+        Every rank gathers every rank's scores (NaN where `keep` is False), so that with
+        nonfinite="error" a bad sample on one rank stops all of them here, together.
+        """
+        full = torch.full(keep.shape, math.nan, dtype=torch.float64, device=scores.device)
+        full[keep] = scores.to(torch.float64)
+        parts = distributed.all_gather_padded(full)
+        if self.nonfinite == "error":
+            me = distributed.rank()
+            for r in [me] + [r for r in range(len(parts)) if r != me]:
+                bad = torch.nonzero(~torch.isfinite(parts[r])).flatten()[:8].tolist()
+                if bad and r == me:
+                    raise functional.NonFiniteError(f"{problem} for samples at batch positions {bad} "
+                                                    "(nonfinite='skip' drops such samples)")
+                if bad:
+                    raise functional.NonFiniteError(
+                        f"rank {r} has non-finite losses or per-sample gradients at batch positions {bad}, "
+                        "so every rank stops (nonfinite='skip' drops such samples)")
+        scores_all = torch.cat([p[torch.isfinite(p)] for p in parts])
+        if scores_all.numel() == 0:
+            return config, 0
+        tau = reference.threshold(scores_all, config.threshold, config.k, config.quantile, config.tau)
+        return config.replace(threshold="fixed", tau=tau), scores_all.numel()
 
     def backward_per_sample(self, loss_fn: Callable[..., torch.Tensor], *batch: torch.Tensor,
                             indices: Optional[torch.Tensor] = None) -> None:
@@ -259,22 +383,41 @@ class DeMem:
         idx = self._check_indices(indices, batch_size)
         self._refuse_batchnorm()
 
-        loss_module = LossModule(self.model, loss_fn)
+        loss_module = LossModule(self._module, loss_fn)
         detached = {f"model.{name}": p.detach() for name, p in named}
         dtype = flat_dtype(params)
 
         def grads_of(rows: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-            return per_sample_grads(loss_module, detached, rows, dtype)
+            if self._opacus is None:
+                return per_sample_grads(loss_module, detached, rows, dtype)
+            with torch.enable_grad():
+                losses = loss_module(*rows)
+            check_loss_shape(losses, rows[0].shape[0])
+            return self._opacus.per_sample_grads(losses, params, dtype), losses.detach()
 
         numel = sum(p.numel() for p in params)
         rows = self.chunk_size or max(1, CHUNK_BUDGET_BYTES // (numel * dtype.itemsize))
         if batch_size <= rows:
-            total, parts, keep, losses = self._one_chunk(grads_of, batch, idx)
+            self._accumulate(self._one_chunk(grads_of, batch, idx), params, idx, batch_size)
         else:
-            total, parts, keep, losses = self._chunks(loss_module, grads_of, batch, idx, rows)
+            self._accumulate(self._chunks(loss_module, grads_of, batch, idx, rows), params, idx, batch_size)
+
+    def _backward_opacus(self, losses: torch.Tensor, idx: Optional[torch.Tensor]) -> None:
+        """`backward` of a clipping/noise config with engine="opacus": the per-sample path on the
+        per-sample gradients Opacus's hooks compute for these losses (the batch in one chunk)."""
+        params = [p for _, p in self._trainable_parameters()]
+        grads = self._opacus.per_sample_grads(losses, params, flat_dtype(params))
+        self._accumulate(self._one_chunk(lambda _: (grads, losses.detach()), (), idx), params, idx,
+                         losses.shape[0])
+
+    def _accumulate(self, batch_sum: _BatchSum, params: list[nn.Parameter], idx: Optional[torch.Tensor],
+                    batch_size: int) -> None:
+        """Add one backward call's Σ w_i·c_i·g_i to the pending sum; trace and stats."""
+        total, parts, keep, losses = batch_sum
         if total is not None:
             self._grad_sum = total if self._grad_sum is None else self._grad_sum + total
             self._count += int(keep.sum())
+        if total is not None or self._world > 1:  # under torch.distributed every rank takes part
             self._params = params
             self._commit_trace(losses[keep], None if idx is None else idx[keep.cpu()])
         self._path = "per_sample"
@@ -347,7 +490,7 @@ class DeMem:
     def _step(self, closure: Optional[Callable[[], Any]]) -> Any:
         if not self._active or self._real_step is None:
             raise RuntimeError("this optimizer.step was patched by a DeMem block that has exited")
-        if self._grad_sum is not None:
+        if self._grad_sum is not None or (self._world > 1 and self._path == "per_sample"):
             self._write_grads()
         real_step = self._real_step
         self._reset_pending()
@@ -361,33 +504,92 @@ class DeMem:
     def _write_grads(self) -> None:
         """.grad <- (Σ w_i·c_i·g_i + σ·C·ξ) / D for every trainable parameter (noise once per step)."""
         cfg = self.config
-        total = self._grad_sum
+        total, count = self._grad_sum, self._count
+        if self._world > 1:
+            total, count = self._reduce_global()
+            if count == 0:
+                return
         if cfg.noise_multiplier > 0:
             if self.secure_noise:
                 seed, offset = int.from_bytes(os.urandom(8), "little"), 0
+                if self._world > 1:
+                    seed = distributed.broadcast_seed(seed)  # one noise draw for the whole group
             else:
                 seed, offset = self._seed, self._offset
                 self._offset += math.ceil(total.numel() / 4)
             noise = functional.philox_normal(total.numel(), seed, offset, total.device, total.dtype)
             total = total + cfg.noise_std * noise
-            self._noisy_batch_sizes.append(self._count)
-        grad = total / (cfg.expected_batch_size or self._count)
+            self._noisy_batch_sizes.append(count)
+        grad = total / (cfg.expected_batch_size or count)
         for p, g in zip(self._params, grad.split([p.numel() for p in self._params])):
             new = torch.empty_like(p)
             new.copy_(g.view(p.shape))
             p.grad = new
+
+    def _reduce_global(self) -> tuple[torch.Tensor, int]:
+        """Σ w_i·c_i·g_i and the number of samples over all ranks (the same on every rank).
+
+        Raises on every rank the non-finite gradient error that a rank deferred to the step.
+        """
+        params = self._params
+        total = self._grad_sum
+        if total is None:
+            dtype = reference.accumulation_dtype(flat_dtype(params))
+            total = torch.zeros(sum(p.numel() for p in params), dtype=dtype, device=params[0].device)
+        flags = torch.tensor([self._count, int(self._deferred_error is not None)], dtype=torch.int64)
+        total = distributed.all_reduce_sum(total)
+        count, errors = distributed.all_reduce_sum(flags).tolist()
+        if errors:
+            message = self._deferred_error or f"non-finite per-sample gradients on {errors} other rank(s)"
+            self._reset_pending()
+            raise functional.NonFiniteError(
+                f"{message}; every rank stops at the step (nonfinite='skip' drops such samples)")
+        return total, count
 
     # ------------------------------------------------------------------ per-sample sums
     def _one_chunk(self, grads_of: GradsOf, batch: Sequence[torch.Tensor],
                    idx: Optional[torch.Tensor]) -> _BatchSum:
         """The batch in one chunk: scores are the per-sample losses from grad_and_value."""
         grads, losses = grads_of(batch)
+        if self._world > 1:
+            return self._one_chunk_global(grads, losses, idx)
         keep = self._keep(torch.isfinite(losses), "loss_fn returned non-finite losses")
-        keep = keep & self._keep(torch.isfinite(grads).all(dim=1), "non-finite per-sample gradients")
         if not bool(keep.any()):
             return _BatchSum(None, [], keep, losses)
+        positions = keep.nonzero().flatten()
+        scores = self._scores(losses[keep], None if idx is None else idx[positions.cpu()])
+        result, ok = self._sum_finite_rows(grads if bool(keep.all()) else grads[keep], scores, self._sum_config,
+                                           positions)
+        keep[positions[~ok]] = False
+        return _BatchSum(None if result is None else result.grad, [] if result is None else [result], keep, losses)
+
+    def _sum_finite_rows(self, grads: torch.Tensor, scores: torch.Tensor, config: DeMemConfig,
+                         positions: torch.Tensor) -> tuple[Optional[functional.FusedResult], torch.Tensor]:
+        """The fused sum over the rows of `grads` whose entries are all finite, and the mask of those rows.
+
+        The fused op's norms reveal a non-finite row, so the usual all-finite batch costs no extra pass
+        over the per-sample gradients; only when a norm is not finite is every row checked (and the
+        rows with non-finite entries dropped, or reported with nonfinite="error").
+        """
+        try:
+            return functional.fused_step(grads, scores, config), torch.ones_like(scores, dtype=torch.bool)
+        except functional.NonFiniteError:
+            pass
+        ok = self._keep(torch.isfinite(grads).all(dim=1), "non-finite per-sample gradients", positions)
+        if not bool(ok.any()):
+            return None, ok
+        return functional.fused_step(grads[ok], scores[ok], config), ok
+
+    def _one_chunk_global(self, grads: torch.Tensor, losses: torch.Tensor,
+                          idx: Optional[torch.Tensor]) -> _BatchSum:
+        """`_one_chunk` under torch.distributed: τ from all ranks' scores (every rank takes part)."""
+        keep = torch.isfinite(losses) & torch.isfinite(grads).all(dim=1)
         scores = self._scores(losses[keep], None if idx is None else idx[keep.cpu()])
-        result = functional.fused_step(grads[keep], scores, self._sum_config)
+        rule, _ = self._global_rule(self._sum_config, scores, keep,
+                                    "loss_fn returned non-finite losses or gradients")
+        if not bool(keep.any()):
+            return _BatchSum(None, [], keep, losses)
+        result = functional.fused_step(grads[keep], scores, rule)
         return _BatchSum(result.grad, [result], keep, losses)
 
     def _chunks(self, loss_module: LossModule, grads_of: GradsOf, batch: Sequence[torch.Tensor],
@@ -398,22 +600,27 @@ class DeMem:
             losses = loss_module(*batch)
         check_loss_shape(losses, batch[0].shape[0])
         losses = losses.detach()
-        keep = self._keep(torch.isfinite(losses), "loss_fn returned non-finite losses")
+        if self._world > 1:  # τ of all ranks' scores; every rank takes part, even with no sample kept
+            keep = torch.isfinite(losses)
+            scores = self._scores(losses[keep], None if idx is None else idx[keep.cpu()])
+            chunk_config, _ = self._global_rule(self._sum_config, scores, keep, "loss_fn returned non-finite losses")
+        else:
+            keep = self._keep(torch.isfinite(losses), "loss_fn returned non-finite losses")
         positions = keep.nonzero().flatten()
         if positions.numel() == 0:
             return _BatchSum(None, [], keep, losses)
-        scores = self._scores(losses[keep], None if idx is None else idx[keep.cpu()])
-        cfg = self.config
-        tau = reference.threshold(scores, cfg.threshold, cfg.k, cfg.quantile, cfg.tau)
-        chunk_config = self._sum_config.replace(threshold="fixed", tau=tau)
+        if self._world == 1:
+            scores = self._scores(losses[keep], None if idx is None else idx[keep.cpu()])
+            cfg = self.config
+            tau = reference.threshold(scores, cfg.threshold, cfg.k, cfg.quantile, cfg.tau)
+            chunk_config = self._sum_config.replace(threshold="fixed", tau=tau)
         total, parts = None, []
         for start in range(0, positions.numel(), rows):
             pos = positions[start:start + rows]
             grads, _ = grads_of([x[pos] for x in batch])
-            ok = self._keep(torch.isfinite(grads).all(dim=1), "non-finite per-sample gradients", pos)
+            result, ok = self._sum_finite_rows(grads, scores[start:start + rows], chunk_config, pos)
             keep[pos[~ok]] = False
-            if bool(ok.any()):
-                result = functional.fused_step(grads[ok], scores[start:start + rows][ok], chunk_config)
+            if result is not None:
                 total = result.grad if total is None else total + result.grad
                 parts.append(result)
         return _BatchSum(total, parts, keep, losses)
@@ -424,6 +631,7 @@ class DeMem:
         self._grad_sum: Optional[torch.Tensor] = None
         self._count = 0
         self._params: Optional[list[nn.Parameter]] = None
+        self._deferred_error: Optional[str] = None  # torch.distributed: raised at the step on every rank
 
     def _check_active(self, what: str) -> None:
         if not self._active:
@@ -436,7 +644,7 @@ class DeMem:
 
     def _trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """The model's trainable parameters, on one device and unchanged while sums are pending."""
-        named = trainable_parameters(self.model)
+        named = trainable_parameters(self._module)
         if not named:
             raise ValueError("model has no parameters with requires_grad")
         params = [p for _, p in named]
@@ -449,7 +657,7 @@ class DeMem:
         return named
 
     def _refuse_batchnorm(self) -> None:
-        for name, module in self.model.named_modules():
+        for name, module in self._module.named_modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
                 raise ValueError(
                     f"model has a BatchNorm layer {name!r} in train mode: it mixes the samples of a "
@@ -496,13 +704,20 @@ class DeMem:
         return idx
 
     def _keep(self, ok: torch.Tensor, problem: str, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The mask of samples to keep; raises with nonfinite="error" when some are not ok."""
+        """The mask of samples to keep; raises with nonfinite="error" when some are not ok.
+
+        Under torch.distributed the error is kept for the step, which raises it on every rank
+        (raising on one rank alone would leave the others waiting in a collective).
+        """
         if self.nonfinite == "error" and not bool(ok.all()):
             bad = torch.nonzero(~ok).flatten()
             if positions is not None:
                 bad = positions[bad]
-            raise ValueError(f"{problem} for samples at batch positions {bad[:8].tolist()} "
-                             "(nonfinite='skip' drops such samples)")
+            message = f"{problem} for samples at batch positions {bad[:8].tolist()}"
+            if self._world > 1:
+                self._deferred_error = self._deferred_error or message
+                return ok
+            raise functional.NonFiniteError(f"{message} (nonfinite='skip' drops such samples)")
         return ok
 
     def _updated_trace(self, losses: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -518,9 +733,19 @@ class DeMem:
         return self._updated_trace(losses, idx).to(device=losses.device, dtype=losses.dtype)
 
     def _commit_trace(self, losses: torch.Tensor, idx: Optional[torch.Tensor]) -> None:
-        if self.config.proxy == "trace":
+        if self.config.proxy != "trace":
+            return
+        if self._world == 1:
             self._trace[idx] = self._updated_trace(losses, idx)
             self._visited[idx] = True
+            return
+        # torch.distributed: every rank's (index, loss) pairs, committed rank after rank (a sample that
+        # DistributedSampler's padding puts on two ranks at once is visited twice, in rank order).
+        pairs = torch.stack([idx.to(losses.device, torch.float64), losses.to(torch.float64)], dim=1)
+        for part in distributed.all_gather_padded(pairs):
+            part_idx, part_losses = part[:, 0].cpu().to(torch.int64), part[:, 1].cpu()
+            self._trace[part_idx] = self._updated_trace(part_losses, part_idx)
+            self._visited[part_idx] = True
 
     def _record(self, weights: torch.Tensor, risk: torch.Tensor, norms: Optional[torch.Tensor],
                 skipped: int) -> None:

@@ -1,4 +1,9 @@
-"""The training loop behind `demem train`: adversarial training with DeMem, resumable checkpoints."""
+"""The training loop behind `demem train`: adversarial training with DeMem, resumable checkpoints.
+
+Under torchrun (`torch_distributed_group`) the same loop runs on every rank: DistributedSampler
+shards each epoch, the model is wrapped as DeMem(DistributedDataParallel(model), optimizer), and
+only rank 0 writes metrics and checkpoints.
+"""
 
 from __future__ import annotations
 
@@ -11,13 +16,16 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from demem_ext import distributed
 from demem_ext.adversarial import Objective, make_objective
 from demem_ext.checkpoint import load_checkpoint, save_checkpoint
 from demem_ext.config import DeMemConfig
@@ -113,6 +121,10 @@ class TrainState:
     demem: Optional[DeMem]
     epoch: int = 0
     train_subset: Optional[torch.Tensor] = None
+    device: str = "cpu"  # this process's device (cuda:LOCAL_RANK under torchrun with --device cuda)
+    train_model: Optional[nn.Module] = None  # the model as trained: DDP-wrapped under torch.distributed
+    rank: int = 0
+    world_size: int = 1
 
 
 def seed_everything(seed: int) -> None:
@@ -120,6 +132,31 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def torch_distributed_group(device: str) -> Iterator[bool]:
+    """Under torchrun (WORLD_SIZE > 1 in the environment): the process group of a training run,
+    NCCL with this process on cuda:LOCAL_RANK when `device` is CUDA, gloo otherwise; destroyed on
+    exit. Yields whether this process is rank 0 (True, and nothing set up, outside torchrun)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        yield distributed.rank() == 0
+        return
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if cuda else "gloo")
+    try:
+        yield dist.get_rank() == 0
+    finally:
+        dist.destroy_process_group()
+
+
+def _process_device(cfg: TrainConfig) -> str:
+    """cfg.device, or this rank's own GPU when several processes share a machine's GPUs."""
+    if distributed.is_distributed() and cfg.device.startswith("cuda"):
+        return f"cuda:{torch.cuda.current_device()}"
+    return cfg.device
 
 
 def _optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -159,7 +196,14 @@ def build(cfg: TrainConfig, train_subset: Optional[torch.Tensor] = None) -> Trai
     """Dataset, model, optimizer, scheduler, objective and DeMem for a configuration.
 
     train_subset: indices into the training split to train on (shadow models); None: all of it.
+    Under torch.distributed (every rank calls this) the model is wrapped in DDP for training and
+    cfg.batch_size is the global batch, split evenly over the ranks.
     """
+    world, rank = distributed.world_size(), distributed.rank()
+    if world > 1 and cfg.batch_size % world:
+        raise ValueError(f"batch_size {cfg.batch_size} is the global batch: it must be divisible by the "
+                         f"number of processes ({world})")
+    device = _process_device(cfg)
     seed_everything(cfg.seed)
     train_set, test_set, info = load_dataset(cfg.dataset, cfg.data_dir, cfg.download, cfg.augment, cfg.split_seed)
     if train_subset is not None:
@@ -167,7 +211,7 @@ def build(cfg: TrainConfig, train_subset: Optional[torch.Tensor] = None) -> Trai
             raise ValueError(f"train_subset must hold indices in [0, {len(train_set)}), non-empty")
         train_set = SubsetWithLocalIndex(train_set, train_subset)
     norm = cfg.norm if cfg.norm is not None else ("group" if cfg.per_sample() and cfg.model != "cnn" else None)
-    model = build_model(cfg.model, info.num_classes, info.input_shape[0], norm).to(cfg.device)
+    model = build_model(cfg.model, info.num_classes, info.input_shape[0], norm).to(device)
     if cfg.per_sample() and has_batchnorm(model):
         raise ValueError(f"--norm batch cannot be used with per-sample gradients (clipping/noise); "
                          f"use --norm group for {cfg.model}")
@@ -178,16 +222,30 @@ def build(cfg: TrainConfig, train_subset: Optional[torch.Tensor] = None) -> Trai
     if cfg.at in ("trades", "mart"):
         kwargs["beta"] = cfg.beta
     objective = make_objective(cfg.at, **kwargs)
+    train_model = model
+    if world > 1:  # DDP inside, DeMem outside
+        device_ids = [torch.device(device)] if device.startswith("cuda") else None
+        train_model = DistributedDataParallel(model, device_ids=device_ids)
     demem = None
     if cfg.use_demem:
-        demem = DeMem(model, optimizer, cfg.demem_config(), num_samples=len(train_set),
+        demem = DeMem(train_model, optimizer, cfg.demem_config(), num_samples=len(train_set),
                       seed=cfg.seed, nonfinite=cfg.nonfinite, chunk_size=cfg.chunk_size)
     return TrainState(cfg, info, train_set, test_set, model, optimizer, scheduler, objective, demem,
-                      train_subset=train_subset)
+                      train_subset=train_subset, device=device, train_model=train_model, rank=rank,
+                      world_size=world)
 
 
 def _loader(state: TrainState, epoch: int) -> DataLoader:
-    """The epoch's shuffled batches; the order depends only on (seed, epoch), so resuming replays it."""
+    """The epoch's shuffled batches; the order depends only on (seed, epoch), so resuming replays it.
+
+    Under torch.distributed: this rank's share (DistributedSampler) in batches of batch_size / ranks.
+    """
+    if state.world_size > 1:
+        sampler = DistributedSampler(state.train_set, num_replicas=state.world_size, rank=state.rank,
+                                     shuffle=True, seed=state.config.seed * 100_003, drop_last=False)
+        sampler.set_epoch(epoch)
+        return DataLoader(state.train_set, batch_size=state.config.batch_size // state.world_size,
+                          sampler=sampler, drop_last=False)
     generator = torch.Generator().manual_seed(state.config.seed * 100_003 + epoch)
     return DataLoader(state.train_set, batch_size=state.config.batch_size, shuffle=True,
                       generator=generator, drop_last=False)
@@ -195,8 +253,9 @@ def _loader(state: TrainState, epoch: int) -> DataLoader:
 
 def _train_batch(state: TrainState, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> dict[str, float]:
     model, objective, dm = state.model, state.objective, state.demem
-    x_adv = objective.adversarial(model, x, y)
-    model.train()
+    train_model = state.train_model if state.train_model is not None else model  # DDP: synchronised backward
+    x_adv = objective.adversarial(model, x, y)  # the attack is local to each rank
+    train_model.train()
     state.optimizer.zero_grad(set_to_none=True)
     if dm is not None and state.config.per_sample():
         def loss_fn(m: nn.Module, xb: torch.Tensor, xab: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
@@ -206,7 +265,7 @@ def _train_batch(state: TrainState, x: torch.Tensor, y: torch.Tensor, idx: torch
         with torch.no_grad():
             losses = objective.per_sample_loss(model, x, x_adv, y)
     else:
-        losses = objective.per_sample_loss(model, x, x_adv, y)
+        losses = objective.per_sample_loss(train_model, x, x_adv, y)
         if dm is not None:
             dm.backward(losses, indices=idx)
         else:
@@ -225,10 +284,10 @@ def train_epoch(state: TrainState, progress: bool = True) -> dict[str, float]:
     """One epoch; returns mean loss, adversarial training accuracy and DeMem stats."""
     from tqdm import tqdm
 
-    device = state.config.device
+    device = state.device
     totals = {"loss": 0.0, "correct": 0.0, "count": 0.0, "high_risk": 0.0, "clip": 0.0, "batches": 0.0}
     bar = tqdm(_loader(state, state.epoch), desc=f"epoch {state.epoch + 1}/{state.config.epochs}",
-               disable=not progress, leave=False)
+               disable=not progress or state.rank != 0, leave=False)
     for x, y, idx in bar:
         x, y = x.to(device), y.to(device)
         out = _train_batch(state, x, y, idx.to(device))
@@ -243,6 +302,9 @@ def train_epoch(state: TrainState, progress: bool = True) -> dict[str, float]:
                         clip=f"{totals['clip'] / totals['batches']:.2f}")
     if state.scheduler is not None:
         state.scheduler.step()
+    if state.world_size > 1:  # metrics of all ranks' batches
+        summed = distributed.all_reduce_sum(torch.tensor(list(totals.values()), dtype=torch.float64))
+        totals = dict(zip(totals, summed.tolist()))
     n = totals["batches"]
     return {"train_loss": totals["loss"] / n, "train_adv_acc": totals["correct"] / totals["count"],
             "high_risk_fraction": totals["high_risk"] / n, "clip_fraction": totals["clip"] / n}
@@ -299,7 +361,12 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike, resume: bool = False, pr
     """Train (or resume) a run in out_dir: a checkpoint and a metrics line after every epoch.
 
     train_subset: indices into the training split to train on (kept in the checkpoint).
+    Under torch.distributed every rank calls this with the same out_dir (shared by all ranks);
+    rank 0 alone logs and writes, the others wait for each checkpoint at a barrier.
     """
+    main = distributed.rank() == 0
+    if not main:
+        log = _quiet
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path, metrics_path = out / CHECKPOINT_NAME, out / METRICS_NAME
@@ -313,8 +380,10 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike, resume: bool = False, pr
         if ckpt_path.exists():
             raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue it or choose another --out")
         state = build(cfg, train_subset)
-        metrics_path.unlink(missing_ok=True)
-    _trim_metrics(metrics_path, state.epoch)
+        if main:
+            metrics_path.unlink(missing_ok=True)
+    if main:
+        _trim_metrics(metrics_path, state.epoch)
     context = state.demem if state.demem is not None else contextlib.nullcontext()
     with context:
         while state.epoch < state.config.epochs:
@@ -323,12 +392,19 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike, resume: bool = False, pr
             state.epoch += 1
             metrics.update(epoch=state.epoch, seconds=time.perf_counter() - start,
                            lr=state.optimizer.param_groups[0]["lr"])
-            with metrics_path.open("a") as fh:  # before the checkpoint: a resume trims extra lines
-                fh.write(json.dumps(metrics) + "\n")
-            save_checkpoint(checkpoint_payload(state), ckpt_path)
+            if main:
+                with metrics_path.open("a") as fh:  # before the checkpoint: a resume trims extra lines
+                    fh.write(json.dumps(metrics) + "\n")
+                save_checkpoint(checkpoint_payload(state), ckpt_path)
+            if state.world_size > 1:
+                dist.barrier()  # a checkpoint is complete before any rank goes on (or stops)
             log(f"epoch {state.epoch}: loss {metrics['train_loss']:.4f}  adv acc {metrics['train_adv_acc']:.3f}"
                 f"  high-risk {metrics['high_risk_fraction']:.3f}  clip {metrics['clip_fraction']:.3f}")
     return state
+
+
+def _quiet(_: str) -> None:
+    pass
 
 
 def _trim_metrics(path: Path, epochs_done: int) -> None:
