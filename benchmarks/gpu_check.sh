@@ -2,10 +2,16 @@
 # One-call check of the CUDA kernels on a GPU machine that already has torch (no network needed):
 #   1. builds demem_ext._C with its CUDA kernels (pip install --no-build-isolation --no-deps -e .),
 #   2. runs tests/test_cuda.py, then tests/test_ops.py tests/test_philox.py tests/test_build.py,
-#   3. runs benchmarks/bench_fused.py --device cuda (table + JSON).
-# Every log, the JSON and summary.txt (one line per step with its exit code and duration) go under
-# $OUT (default ./gpu_out). A failing step is recorded and the script goes on; it exits non-zero if
-# any step failed. Budget: well under 8 minutes on one H100/H200 with 16 cores.
+#   3. runs the fused-op benchmark on the GPU (benchmarks/bench_fused.py --device cuda): B x P up to
+#      4 GB of fp32 per-sample gradients (64/256 x 1e5/1e6/4e6, 1024 x 1e6, 64 x 16e6; bf16 at the
+#      largest P), the extension vs the plain PyTorch composition vs the exact reference (small shapes)
+#      vs Opacus's DPOptimizer.pre_step(), with the device copy bandwidth measured in the same run,
+#   4. if time is left, the training-step benchmark on the GPU (CNN and GroupNorm ResNet-18, PGD-10),
+#   5. merges both benchmarks and the step summary into $OUT/gpu_bench.json.
+# Every log, the JSON files and summary.txt (one line per step with its exit code and duration) go
+# under $OUT (default ./gpu_out). A failing step is recorded and the script goes on; it exits non-zero
+# if any step failed. Budget: well under 8 minutes on one H100/H200 with 16 cores (the training
+# benchmark is skipped, or cut short by its timeout, when the earlier steps ran long).
 #
 #   bash benchmarks/gpu_check.sh            # PYTHON=python3 OUT=./gpu_out by default
 set -euo pipefail
@@ -58,7 +64,32 @@ step build 330 "$PYTHON" -m pip install --no-build-isolation --no-deps -e .
 step check_ext 60 "$PYTHON" -c "import torch; from demem_ext import ops, _C; print('backend', ops.backend(), 'cuda kernels', ops.extension_has_cuda(), 'cpu', _C.cpu_capability()); assert ops.extension_has_cuda() and torch.cuda.is_available()"
 step test_cuda 200 "$PYTHON" -m pytest tests/test_cuda.py -q -p no:cacheprovider -x --durations=10
 step test_cpu 150 "$PYTHON" -m pytest tests/test_ops.py tests/test_philox.py tests/test_build.py -q -p no:cacheprovider --durations=5
-step bench_cuda 150 "$PYTHON" benchmarks/bench_fused.py --device cuda --dtype fp32 bf16 --json "$OUT/bench_cuda.json"
+step bench_fused 150 "$PYTHON" benchmarks/bench_fused.py --device cuda --json "$OUT/bench_fused_cuda.json"
+# the training benchmark only gets what is left of a 7.5-minute budget (at most 150 s)
+left=$((450 - SECONDS))
+if ((left >= 45)); then
+  step bench_train $((left < 150 ? left : 150)) "$PYTHON" benchmarks/bench_training.py --device cuda --model all \
+    --json "$OUT/bench_training_cuda.json"
+else
+  printf '%-12s skipped: %ss used, too little time left\n' bench_train "$SECONDS" | tee -a "$SUMMARY"
+fi
+step merge 30 "$PYTHON" - "$OUT" <<'PY'
+import json, os, sys
+out = sys.argv[1]
+merged = {"summary": open(os.path.join(out, "summary.txt")).read().splitlines()}
+for key, name in (("fused", "bench_fused_cuda.json"), ("training", "bench_training_cuda.json")):
+    path = os.path.join(out, name)
+    merged[key] = json.load(open(path)) if os.path.exists(path) else None
+json.dump(merged, open(os.path.join(out, "gpu_bench.json"), "w"), indent=2)
+print("wrote", os.path.join(out, "gpu_bench.json"), "fused rows:", len((merged["fused"] or {}).get("rows", [])))
+PY
+
+for name in bench_fused bench_train; do
+  if [[ -f "$OUT/$name.log" ]]; then
+    echo "---- $name"
+    grep -v '^  B=' "$OUT/$name.log" | sed -n '/^\(fused step\|training step\)/,$p'
+  fi
+done
 
 echo "summary ($SUMMARY):"
 cat "$SUMMARY"

@@ -86,18 +86,25 @@ def _print_table(title: str, result: dict[str, Any]) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from demem_ext import distributed
     from demem_ext.adversarial.robustness import evaluate
-    from demem_ext.training import CHECKPOINT_NAME, train
+    from demem_ext.training import CHECKPOINT_NAME, torch_distributed_group, train
 
     cfg = train_config_from_args(args)
-    out = Path(args.out) if args.out else Path("runs") / f"{cfg.dataset}-{cfg.at}-{time.strftime('%Y%m%d-%H%M%S')}"
-    print(f"run folder: {out}")
-    start = time.perf_counter()
-    state = train(cfg, out, resume=args.resume, progress=not args.no_progress)
-    seconds = time.perf_counter() - start
+    with torch_distributed_group(cfg.device) as main:  # under torchrun: one process per rank
+        out = Path(args.out) if args.out else Path("runs") / f"{cfg.dataset}-{cfg.at}-{time.strftime('%Y%m%d-%H%M%S')}"
+        if distributed.is_distributed():
+            out = Path(distributed.broadcast_object(str(out)))  # rank 0's default folder name
+        if main:
+            print(f"run folder: {out}")
+        start = time.perf_counter()
+        state = train(cfg, out, resume=args.resume, progress=not args.no_progress)
+        seconds = time.perf_counter() - start
+    if not main:  # rank 0 evaluates and reports
+        return 0
     result = evaluate(state.model, state.test_set, state.config.eps, state.info.num_classes,
                       clamp=state.info.input_range, autoattack=args.final_autoattack,
-                      device=state.config.device, seed=state.config.seed)
+                      device=state.device, seed=state.config.seed)
     result["train_seconds"] = round(seconds, 1)
     result["checkpoint"] = str(out / CHECKPOINT_NAME)
     (out / "eval.json").write_text(json.dumps(result, indent=2))
@@ -204,23 +211,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--merge-only", action="store_true", help="only merge the saved stats and report")
     p.set_defaults(func=cmd_audit)
     p = sub.add_parser("reproduce", help="the paper's comparison: PGD-AT/TRADES vs DP-SGD vs DeMem (shadow models)")
-    p.add_argument("--quick", action="store_true", help="4 models x 10 epochs, AutoAttack fast")
+    p.add_argument("--quick", action="store_true", help="4 models x 15 epochs (batch 32), AutoAttack fast: a first look")
     p.add_argument("--dataset", default="digits", choices=["digits", "cifar10", "cifar100", "svhn"])
     p.add_argument("--out", default=None, help="output folder (default runs/reproduce-<dataset>[-quick])")
     p.add_argument("--data-dir", default=None, help="folder holding the torchvision dataset files (CIFAR/SVHN)")
     p.add_argument("--models", type=int, default=None, help="shadow models per configuration (default 16; 4 quick)")
-    p.add_argument("--epochs", type=int, default=None, help="epochs per model (default 30; 10 quick)")
-    p.add_argument("--configs", default=None, help="comma-separated configuration slugs (default: all)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs per model (default 30; 15 quick)")
+    p.add_argument("--configs", default=None, help="comma-separated slugs, or all | variants | comparison (default: comparison)")
     p.add_argument("--jobs", type=int, default=1, help="train shadow models in N processes")
     p.add_argument("--autoattack", default=None, choices=["standard", "fast", "none"],
                    help="AutoAttack on model 0 (default standard; fast with --quick)")
     p.add_argument("--attack-steps", type=int, default=None, help="training PGD steps (default 10)")
-    p.add_argument("--batch-size", type=int, default=None, help="training batch size (default 64)")
+    p.add_argument("--batch-size", type=int, default=None, help="training batch size (default 64; 32 quick)")
     p.add_argument("--eval-limit", type=int, default=None, help="evaluate model 0 on the first N test samples")
     p.add_argument("--results", default=None, help="also write the report here (e.g. docs/results.md)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.set_defaults(func=cmd_reproduce)
+    from demem_ext.bench import add_bench_args, cmd_bench
+
+    p = sub.add_parser("bench", help="benchmarks: fused op vs PyTorch/reference/Opacus, training-step costs")
+    add_bench_args(p)
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

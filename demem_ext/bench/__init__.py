@@ -1,0 +1,98 @@
+"""Benchmarks: the fused op against plain PyTorch, the exact reference and Opacus; training-step costs.
+
+- `demem_ext.bench.fused`: one table of the fused DeMem step (`torch.ops.demem.fused_step`) against
+  the plain PyTorch composition a user would write, the bit-exact reference, Opacus's per-sample
+  clip + accumulate + noise, and a copy of the same bytes (the bandwidth ceiling), per [B, P] shape.
+- `demem_ext.bench.training`: time per step and peak memory of PGD-AT, PGD-AT + DeMem (weighting
+  path, per-sample clipping/noise path) and PGD-AT + Opacus DP-SGD on the digits CNN and a GroupNorm
+  ResNet-18.
+
+`demem bench` (this module's `cmd_bench`) prints both tables; benchmarks/bench_fused.py and
+benchmarks/bench_training.py are the command-line wrappers with every option. Opacus is optional:
+without it its columns read "n/a" and the tables say so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+from typing import Any, Optional
+
+import torch
+
+
+def opacus_version() -> Optional[str]:
+    """The installed Opacus version, or None when Opacus cannot be imported."""
+    try:
+        import opacus
+    except ImportError:
+        return None
+    return getattr(opacus, "__version__", "unknown")
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """What the numbers depend on: versions, threads, CPU kernel or GPU, load."""
+    from demem_ext import ops
+
+    env: dict[str, Any] = {
+        "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
+        "processor": platform.processor() or platform.machine(), "backend": ops.backend(),
+        "opacus": opacus_version(), "device": device.type,
+        "loadavg_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+    }
+    if ops.extension_loaded():
+        from demem_ext import _C
+
+        env["cpu_kernel"] = _C.cpu_capability()
+    if device.type == "cuda" and torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name(device)
+    return env
+
+
+def add_bench_args(p: argparse.ArgumentParser) -> None:
+    """The flags of `demem bench`."""
+    p.add_argument("--quick", action="store_true",
+                   help="tiny shapes, the CNN only, a few steps (a smoke run, seconds; not for numbers)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--model", default=None, choices=["cnn", "resnet18", "all"],
+                   help="training-step table model(s) (default: all; cnn with --quick)")
+    p.add_argument("--repeats", type=int, default=None, help="fused-op timed runs per column")
+    p.add_argument("--steps", type=int, default=None, help="timed training steps per variant")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    p.add_argument("--skip", default=None, choices=["fused", "training"], help="leave out one table")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write both tables as JSON")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """`demem bench`: the fused-op table, then the training-step table."""
+    from demem_ext.bench import fused, training
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda but no CUDA device is available")
+    result: dict[str, Any] = {"env": environment(device)}
+    rc = 0
+    if args.skip != "fused":
+        out = fused.benchmark(device, quick=args.quick, repeats=args.repeats)
+        print(fused.format_table(out))
+        result["fused"] = out
+        rc = max(rc, 0 if out["rows"] else 2)
+        print()
+    if args.skip != "training":
+        models = args.model or ("cnn" if args.quick else "all")
+        names = list(training.MODELS) if models == "all" else [models]
+        result["training"] = []
+        for name in names:
+            out = training.benchmark(name, device, quick=args.quick, steps=args.steps,
+                                     memory=not args.no_memory)
+            print(training.format_table(out))
+            print()
+            result["training"].append(out)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(result, fh, indent=2)
+        print(f"wrote {args.json}")
+    return rc
