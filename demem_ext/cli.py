@@ -172,7 +172,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path("runs") / f"reproduce-{args.dataset}{'-quick' if args.quick else ''}"
     flags = ["reproduce"] + (["--quick"] if args.quick else []) + ["--dataset", args.dataset, "--out", str(out)]
     for name in ("data_dir", "models", "epochs", "configs", "autoattack", "attack_steps", "batch_size", "eval_limit",
-                 "results", "threads"):
+                 "keep_seed", "results", "threads"):
         if getattr(args, name) is not None:
             flags += ["--" + name.replace("_", "-"), str(getattr(args, name))]
     flags += (["--jobs", str(args.jobs)] if args.jobs != 1 else []) + (["--no-progress"] if args.no_progress else [])
@@ -180,7 +180,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     overrides = {k: getattr(args, k) for k in ("attack_steps", "batch_size", "data_dir") if getattr(args, k) is not None}
     reproduce(out, quick=args.quick, dataset=args.dataset, models=args.models, epochs=args.epochs, configs=configs,
               jobs=args.jobs, autoattack=args.autoattack, progress=not args.no_progress, base_overrides=overrides,
-              eval_limit=args.eval_limit, command=command, results_path=args.results)
+              eval_limit=args.eval_limit, keep_seed=args.keep_seed or 0, command=command,
+              results_path=args.results)
     return 0
 
 
@@ -217,13 +218,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None, help="folder holding the torchvision dataset files (CIFAR/SVHN)")
     p.add_argument("--models", type=int, default=None, help="shadow models per configuration (default 16; 4 quick)")
     p.add_argument("--epochs", type=int, default=None, help="epochs per model (default 30; 15 quick)")
-    p.add_argument("--configs", default=None, help="comma-separated slugs, or all | variants | comparison (default: comparison)")
+    p.add_argument("--configs", default=None,
+                   help="comma-separated slugs, or all | variants | comparison (default: comparison)")
     p.add_argument("--jobs", type=int, default=1, help="train shadow models in N processes")
     p.add_argument("--autoattack", default=None, choices=["standard", "fast", "none"],
                    help="AutoAttack on model 0 (default standard; fast with --quick)")
     p.add_argument("--attack-steps", type=int, default=None, help="training PGD steps (default 10)")
     p.add_argument("--batch-size", type=int, default=None, help="training batch size (default 64; 32 quick)")
     p.add_argument("--eval-limit", type=int, default=None, help="evaluate model 0 on the first N test samples")
+    p.add_argument("--keep-seed", type=int, default=None, help="seed of the inclusion masks (default 0): a replicate")
     p.add_argument("--results", default=None, help="also write the report here (e.g. docs/results.md)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")

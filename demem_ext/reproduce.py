@@ -49,6 +49,8 @@ DP_REFERENCE_SLUG = "pgd-dp-s1"
 LIRA = "LiRA online"
 LIRA_ADV = "LiRA online (adversarial queries)"
 EVAL_NAME = "eval_model0.json"
+FAMILY_BASELINE = {"PGD-AT": BASELINE_SLUG, "TRADES": "trades"}
+BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED = 200, 0
 DIVERGED_NAME = "diverged.json"
 PLOTS = {"roc": "roc_lira_online.png", "tradeoff": "privacy_robustness.png",
          "memorization": "accuracy_by_memorization.png"}
@@ -380,6 +382,33 @@ def _run_configuration(c: Configuration, out: Path, num_models: int, autoattack:
 
 # ---------------------------------------------------------------- the λ choice
 
+def _add_bootstrap(rows: Sequence[dict[str, Any]], pairs: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Sampling uncertainty of LiRA's TPR at 1% FPR: a 95% bootstrap interval per row and, paired on
+    the same resamples, of its relative change from its family's baseline (PGD-AT or TRADES)."""
+    import numpy as np
+
+    from demem_ext.privacy import metrics
+
+    if not pairs:
+        return
+    slugs = list(pairs)
+    draws = metrics.bootstrap_tpr_at_fpr([pairs[s] for s in slugs], 0.01, resamples=BOOTSTRAP_RESAMPLES,
+                                         seed=BOOTSTRAP_SEED)
+    column = {s: draws[:, k] for k, s in enumerate(slugs)}
+    for r in rows:
+        if r["slug"] not in column:
+            continue
+        mine = column[r["slug"]]
+        r["lira_online"]["tpr_at_fpr_0.01_ci95"] = [float(x) for x in np.percentile(mine, [2.5, 97.5])]
+        base = FAMILY_BASELINE[r["family"]]
+        if base != r["slug"] and base in column:
+            relative = mine / np.maximum(column[base], 1e-12) - 1
+            point = r["lira_online"]["tpr_at_fpr_0.01"] / max(
+                next(x for x in rows if x["slug"] == base)["lira_online"]["tpr_at_fpr_0.01"], 1e-12) - 1
+            r["tpr_at_fpr_0.01_vs_baseline"] = {"baseline": base, "relative": float(point),
+                                                "ci95": [float(x) for x in np.percentile(relative, [2.5, 97.5])]}
+
+
 def choose_lambda(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Apply SELECTION_RULE to the result rows (by slug); returns {lam, rule, reason, candidates}."""
     base = rows.get(BASELINE_SLUG)
@@ -589,12 +618,14 @@ def reproduce(out_dir: str | Path, quick: bool = False, dataset: str = "digits",
     curves = {}
     from demem_ext.privacy import lira, metrics
 
+    pairs = {}
     for r in ordered:
         if r["status"] != "ok":
             continue
         s = stats[r["slug"]]
-        scores, labels = lira.leave_one_out(lira.logit_confidence(s["logits"], s["labels"]), s["keep"], online=True)
-        curves[r["name"]] = metrics.roc(scores, labels)
+        pairs[r["slug"]] = lira.leave_one_out(lira.logit_confidence(s["logits"], s["labels"]), s["keep"], online=True)
+        curves[r["name"]] = metrics.roc(*pairs[r["slug"]])
+    _add_bootstrap(ordered, pairs)
     plots["roc"] = metrics.plot_roc(curves, out / PLOTS["roc"], "LiRA online (natural queries, leave-one-out)").name
     use_aa = autoattack != "none"
     plots["tradeoff"] = plot_tradeoff(ordered, out / PLOTS["tradeoff"], use_aa).name
@@ -635,6 +666,19 @@ def reproduce(out_dir: str | Path, quick: bool = False, dataset: str = "digits",
 
 def _pct(x: Optional[float]) -> str:
     return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.2f}%"
+
+
+def _tpr_ci(r: dict[str, Any]) -> str:
+    ci = r["lira_online"].get("tpr_at_fpr_0.01_ci95")
+    text = _pct(r["lira_online"]["tpr_at_fpr_0.01"])
+    return text if ci is None else f"{text} [{100 * ci[0]:.2f}, {100 * ci[1]:.2f}]"
+
+
+def _vs_base(r: dict[str, Any]) -> str:
+    change = r.get("tpr_at_fpr_0.01_vs_baseline")
+    if change is None:
+        return "—"
+    return f"{100 * change['relative']:+.0f}% [{100 * change['ci95'][0]:+.0f}, {100 * change['ci95'][1]:+.0f}]"
 
 
 def write_results(summary: dict[str, Any], path: str | Path) -> Path:
@@ -678,21 +722,26 @@ def write_results(summary: dict[str, Any], path: str | Path) -> Path:
         "## Results",
         "",
         "Natural and PGD-20: mean test accuracy over the M models. AutoAttack: model 0. LiRA: online, "
-        "leave-one-out, natural queries unless marked \"adv-query\". ε at δ = 1e-5 for the DP-SGD rows "
-        "(RDP accounting); \"—\" where ε is not guaranteed.",
+        "leave-one-out, natural queries unless marked \"adv-query\". TPR@1% [95% CI]: bootstrap over the "
+        f"population samples ({BOOTSTRAP_RESAMPLES} resamples, all M pairs of a sample kept together); "
+        "\"vs base\": relative change from the family's baseline (PGD-AT or TRADES), paired on the same "
+        "resamples. These intervals cover the sampling of the audited samples, not the randomness of "
+        "training. ε at δ = 1e-5 for the DP-SGD rows (RDP accounting); \"—\" where ε is not guaranteed.",
         "",
-        "| configuration | natural | PGD-20 | AutoAttack | LiRA TPR@0.1% | TPR@1% | AUC | adv-query TPR@1% | ε | train time |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| configuration | natural | PGD-20 | AutoAttack | LiRA TPR@0.1% | TPR@1% [95% CI] | vs base [95% CI] | AUC "
+        "| adv-query TPR@1% | ε | train time |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         if r["status"] != "ok":
             lines.append(f"| {r['name']} (`{r['folder']}`) | **diverged**: {_pct(r['mean_test_natural_acc'])} | "
-                         f"{_pct(r['mean_test_pgd20_acc'])} | — | — | — | — | — | — | {r['train_seconds']:.0f} s |")
+                         f"{_pct(r['mean_test_pgd20_acc'])} | — | — | — | — | — | — | — | "
+                         f"{r['train_seconds']:.0f} s |")
             continue
         eps = f"{r['epsilon']:.3g}" if r["epsilon"] is not None else "—"
         lines.append(f"| {r['name']} (`{r['folder']}`) | {_pct(r['mean_test_natural_acc'])} | "
                      f"{_pct(r['mean_test_pgd20_acc'])} | {_pct(r['model0']['autoattack_acc'])} | "
-                     f"{_pct(r['lira_online']['tpr_at_fpr_0.001'])} | {_pct(r['lira_online']['tpr_at_fpr_0.01'])} | "
+                     f"{_pct(r['lira_online']['tpr_at_fpr_0.001'])} | {_tpr_ci(r)} | {_vs_base(r)} | "
                      f"{r['lira_online']['auc']:.3f} | {_pct(r['lira_online_adv']['tpr_at_fpr_0.01'])} | {eps} | "
                      f"{r['train_seconds']:.0f} s |")
     lines += ["", "Model 0 alone (the model AutoAttack evaluates):", "",

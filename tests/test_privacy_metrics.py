@@ -94,3 +94,28 @@ def test_bad_input_is_rejected(scores: list, members: list, name: str):
 def test_target_fpr_outside_unit_interval_is_rejected():
     with pytest.raises(ValueError, match="fpr"):
         metrics.tpr_at_fpr(SCORES, MEMBERS, 1.5)
+
+
+def test_bootstrap_tpr_is_paired_and_bounded() -> None:
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.rand(4, 300, generator=gen) < 0.5
+    scores = torch.randn(4, 300, generator=gen) + 1.5 * labels
+    perfect = labels.double()
+    draws = metrics.bootstrap_tpr_at_fpr([(scores, labels), (scores, labels), (perfect, labels)], 0.01,
+                                         resamples=50, seed=3)
+    assert draws.shape == (50, 3)
+    assert np.array_equal(draws[:, 0], draws[:, 1])  # the same resamples for every curve
+    assert (draws[:, 2] == 1.0).all() and ((0 <= draws) & (draws <= 1)).all()
+    point = metrics.tpr_at_fpr(scores, labels, 0.01)
+    low, high = np.percentile(draws[:, 0], [2.5, 97.5])
+    assert low <= point <= high and high - low > 0
+    again = metrics.bootstrap_tpr_at_fpr([(scores, labels)], 0.01, resamples=50, seed=3)
+    assert np.array_equal(again[:, 0], draws[:, 0])  # seeded
+
+
+def test_bootstrap_tpr_bad_input() -> None:
+    s, y = torch.randn(2, 10), torch.rand(2, 10) < 0.5
+    with pytest.raises(ValueError, match="shape \\[M, N\\] with one N"):
+        metrics.bootstrap_tpr_at_fpr([(s, y), (torch.randn(2, 11), torch.rand(2, 11) < 0.5)], 0.01)
+    with pytest.raises(ValueError, match="resamples must be a positive int"):
+        metrics.bootstrap_tpr_at_fpr([(s, y)], 0.01, resamples=0)

@@ -41,7 +41,11 @@ def test_reproduce_end_to_end_then_rerun_trains_nothing(tmp_path: Path, capsys: 
     for png in PLOTS:
         assert (out / png).stat().st_size > 1000
     text = (out / "results.md").read_text()
-    for needle in ("| configuration | natural | PGD-20 | AutoAttack | LiRA TPR@0.1% | TPR@1% | AUC", "## Reading",
+    assert len(rows["pgd-demem-l1"]["lira_online"]["tpr_at_fpr_0.01_ci95"]) == 2
+    assert rows["pgd-demem-l1"]["tpr_at_fpr_0.01_vs_baseline"]["baseline"] == "pgd-at"
+    assert "tpr_at_fpr_0.01_vs_baseline" not in rows["pgd-at"]
+    for needle in ("| configuration | natural | PGD-20 | AutoAttack | LiRA TPR@0.1% | TPR@1% [95% CI] | vs base",
+                   "## Reading",
                    "torchattacks", "Choice of λ", *(f"]({png})" for png in PLOTS)):
         assert needle in text
     eval_mtime = (out / "pgd-at" / "eval_model0.json").stat().st_mtime_ns

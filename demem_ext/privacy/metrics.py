@@ -84,6 +84,31 @@ def summary(scores: Array, is_member: Array, fprs: Sequence[float] = (0.001, 0.0
     return out
 
 
+def bootstrap_tpr_at_fpr(curves: Sequence[tuple[Array, Array]], fpr: float, resamples: int = 200,
+                         seed: int = 0) -> np.ndarray:
+    """TPR at `fpr` of each (scores [M, N], is_member [M, N]) pair on bootstrap resamples of the N samples.
+
+    A resample draws N sample indices (columns) with replacement and keeps all M (model, sample)
+    pairs of each, since one sample's pairs are correlated; every pair of `curves` is evaluated on the
+    same resamples, so that differences between them are paired. Returns an array [resamples, len(curves)].
+    """
+    arrays = [(_numpy(s).astype(np.float64), _numpy(y).astype(bool)) for s, y in curves]
+    if not arrays or any(s.ndim != 2 or s.shape != y.shape or s.shape[1] != arrays[0][0].shape[1]
+                         for s, y in arrays):
+        raise ValueError("curves must be (scores, is_member) pairs of shape [M, N] with one N")
+    if isinstance(resamples, bool) or not isinstance(resamples, int) or resamples < 1:
+        raise ValueError(f"resamples must be a positive int, got {resamples!r}")
+    rng = np.random.default_rng(seed)
+    n = arrays[0][0].shape[1]
+    out = np.empty((resamples, len(arrays)))
+    for r in range(resamples):
+        cols = rng.integers(0, n, n)
+        for k, (s, y) in enumerate(arrays):
+            curve_fpr, curve_tpr, _ = _roc(s[:, cols].ravel(), y[:, cols].ravel())
+            out[r, k] = _tpr_at(curve_fpr, curve_tpr, fpr)
+    return out
+
+
 def plot_roc(curves: Mapping[str, tuple[np.ndarray, ...]], path: str | Path,
              title: Optional[str] = None) -> Path:
     """Log-log ROC curves to a PNG; `curves` maps a name to (fpr, tpr) or (fpr, tpr, auc) as `roc` returns.
