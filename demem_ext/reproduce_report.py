@@ -30,6 +30,7 @@ def plot_tradeoff(rows: Sequence[dict[str, Any]], path: Path, use_autoattack: bo
     ax = fig.add_subplot()
     markers = {"baseline": "o", "dp": "s", "demem": "^", "demem-trace": "D", "demem-variant": "v"}
     colors = {"PGD-AT": "tab:blue", "TRADES": "tab:orange"}
+    placed = 0
     for r in rows:
         if r["status"] != "ok":
             continue
@@ -38,7 +39,9 @@ def plot_tradeoff(rows: Sequence[dict[str, Any]], path: Path, use_autoattack: bo
             continue
         y = r["lira_online"]["tpr_at_fpr_0.01"]
         ax.scatter([100 * x], [100 * y], marker=markers[r["method"]], color=colors[r["family"]], s=40)
-        ax.annotate(r["name"], (100 * x, 100 * y), textcoords="offset points", xytext=(4, 3), fontsize="x-small")
+        offset = (5, 4) if placed % 2 == 0 else (5, -9)  # alternate above/below: fewer overlaps
+        ax.annotate(r["folder"], (100 * x, 100 * y), textcoords="offset points", xytext=offset, fontsize="x-small")
+        placed += 1
     for method, label in (("baseline", "no defence"), ("dp", "DP-SGD"), ("demem", "DeMem (loss)"),
                           ("demem-trace", "DeMem (loss trace)"), ("demem-variant", "DeMem variant")):
         ax.scatter([], [], marker=markers[method], color="gray", label=label)
@@ -214,7 +217,8 @@ def write_results(summary: dict[str, Any], path: str | Path) -> Path:
         lines.append("")
     lines += ["## Figures", ""]
     captions = {"roc": "LiRA online ROC (log-log), all configurations",
-                "tradeoff": f"privacy–robustness trade-off: TPR at 1% FPR vs {summary['robust_axis']}",
+                "tradeoff": f"privacy–robustness trade-off: TPR at 1% FPR vs {summary['robust_axis']} "
+                            "(points labelled by configuration folder, as in the table)",
                 "memorization": "accuracy on OUT samples per memorization-score bin"}
     for key, name in images.items():
         lines += [f"![{captions[key]}]({name})", ""]
