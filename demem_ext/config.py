@@ -41,7 +41,7 @@ class DeMemConfig:
     expected_batch_size: D; None means the actual number of samples B.
     """
 
-    lam: float = 0.75
+    lam: float = 0.5
     proxy: str = "loss"
     trace_decay: float = 0.9
     selection: str = "hard"

@@ -93,12 +93,14 @@ def _dp(base: TrainConfig, noise: float) -> dict[str, Any]:
 # Variants of the rule (DESIGN.md section 2) tried to move the trade-off; run with --configs variants|all.
 # Pinned to the provisional rule (hard selection, τ = mean + 1·std) except where they say otherwise.
 PROVISIONAL_RULE = {"selection": "hard", "threshold": "mean", "k": 1.0, "proxy": "loss"}
-VARIANTS: tuple[tuple[str, str, dict[str, Any]], ...] = (
-    ("pgd-demem-l1-k1.5", "λ = 1, τ = mean + 1.5·std", {"lam": 1.0, "k": 1.5}),
-    ("pgd-demem-l1-k2", "λ = 1, τ = mean + 2·std", {"lam": 1.0, "k": 2.0}),
-    ("pgd-demem-l1-soft", "λ = 1, soft selection T = 0.25", {"lam": 1.0, "selection": "soft", "temperature": 0.25}),
-    ("pgd-demem-l0.5-clip", "λ = 0.5, high-risk clipping C = 1", {"lam": 0.5, "max_grad_norm": 1.0,
-                                                                   "clip_scope": "high_risk"}),
+VARIANTS: tuple[tuple[str, str, str, dict[str, Any]], ...] = (  # slug, family, label, DeMem fields
+    ("pgd-demem-l1-k1.5", "PGD-AT", "λ = 1, τ = mean + 1.5·std", {"lam": 1.0, "k": 1.5}),
+    ("pgd-demem-l1-k2", "PGD-AT", "λ = 1, τ = mean + 2·std", {"lam": 1.0, "k": 2.0}),
+    ("pgd-demem-l1-soft", "PGD-AT", "λ = 1, soft selection T = 0.25",
+     {"lam": 1.0, "selection": "soft", "temperature": 0.25}),
+    ("pgd-demem-l0.5-clip", "PGD-AT", "λ = 0.5, high-risk clipping C = 1",
+     {"lam": 0.5, "max_grad_norm": 1.0, "clip_scope": "high_risk"}),
+    ("trades-demem-l0.75", "TRADES", "λ = 0.75", {"lam": 0.75}),
 )
 
 
@@ -127,14 +129,15 @@ def configurations(base: TrainConfig, trace_lam: float = FALLBACK_LAMBDA) -> lis
                     **_dp(base, 1.0)))
     out.append(make(f"TRADES + DeMem (λ = {default_lam:g})", "trades-demem", trades, "TRADES", "demem",
                     lam=default_lam, use_demem=True, demem=demem_fields(lam=default_lam)))
-    for slug, label, overrides in VARIANTS:
-        out.append(make(f"PGD-AT + DeMem variant ({label})", slug, pgd, "PGD-AT", "demem-variant",
-                        lam=overrides["lam"], use_demem=True, demem=demem_fields(**{**PROVISIONAL_RULE, **overrides})))
+    for slug, family, label, overrides in VARIANTS:
+        out.append(make(f"{family} + DeMem variant ({label})", slug, pgd if family == "PGD-AT" else trades, family,
+                        "demem-variant", lam=overrides["lam"], use_demem=True,
+                        demem=demem_fields(**{**PROVISIONAL_RULE, **overrides})))
     return out
 
 
 ALL_SLUGS = tuple(c.slug for c in configurations(TrainConfig()))
-VARIANT_SLUGS = tuple(slug for slug, _, _ in VARIANTS)
+VARIANT_SLUGS = tuple(slug for slug, *_ in VARIANTS)
 SLUGS = tuple(s for s in ALL_SLUGS if s not in VARIANT_SLUGS)  # the comparison (the default selection)
 KEYWORDS = {"all": ALL_SLUGS, "variants": VARIANT_SLUGS, "comparison": SLUGS}
 
