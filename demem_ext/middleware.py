@@ -600,20 +600,21 @@ class DeMem:
             losses = loss_module(*batch)
         check_loss_shape(losses, batch[0].shape[0])
         losses = losses.detach()
-        if self._world > 1:  # τ of all ranks' scores; every rank takes part, even with no sample kept
-            keep = torch.isfinite(losses)
-            scores = self._scores(losses[keep], None if idx is None else idx[keep.cpu()])
-            chunk_config, _ = self._global_rule(self._sum_config, scores, keep, "loss_fn returned non-finite losses")
-        else:
-            keep = self._keep(torch.isfinite(losses), "loss_fn returned non-finite losses")
+        problem = "loss_fn returned non-finite losses"
+        # under torch.distributed every rank takes part in τ (a collective), even with no sample kept
+        keep = torch.isfinite(losses) if self._world > 1 else self._keep(torch.isfinite(losses), problem)
         positions = keep.nonzero().flatten()
-        if positions.numel() == 0:
+        if positions.numel() == 0 and self._world == 1:
             return _BatchSum(None, [], keep, losses)
-        if self._world == 1:
-            scores = self._scores(losses[keep], None if idx is None else idx[keep.cpu()])
+        scores = self._scores(losses[keep], None if idx is None else idx[positions.cpu()])
+        if self._world > 1:
+            chunk_config, _ = self._global_rule(self._sum_config, scores, keep, problem)
+        else:
             cfg = self.config
             tau = reference.threshold(scores, cfg.threshold, cfg.k, cfg.quantile, cfg.tau)
             chunk_config = self._sum_config.replace(threshold="fixed", tau=tau)
+        if positions.numel() == 0:
+            return _BatchSum(None, [], keep, losses)
         total, parts = None, []
         for start in range(0, positions.numel(), rows):
             pos = positions[start:start + rows]
