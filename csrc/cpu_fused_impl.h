@@ -1,20 +1,30 @@
 // The CPU fused DeMem step, written once with at::vec::Vectorized and compiled twice:
 // cpu_kernels.cpp (the default build flags) and cpu_kernels_avx2.cpp (AVX2/FMA/F16C, chosen at run
-// time on CPUs that have them). The includer defines DEMEM_FUSED_ENTRY, the name of the entry point.
+// time on CPUs that have them). The includer defines DEMEM_FUSED_ENTRY and DEMEM_NORMALS_ENTRY, the
+// names of the two entry points (the fused step; Philox normals of a column range).
 //
 // Two schedules, each with two parallel regions (few synchronisations: a loaded machine with more
 // runnable threads than cores makes every barrier expensive):
 //
-// "rows" (rows fit in cache; B >= threads): the rows are split into one contiguous range per
-//   thread. A thread takes its rows in small groups: the norms of the group (float64 sums of
-//   squares; the row is now in cache), their clip factors and coefficients (the weights are known
-//   beforehand), then one sweep acc += Σ_r coeff_r·g_r into its own accumulator [P] while the rows
-//   are still in cache. G is read from memory once. Region 2 adds the per-thread accumulators in
-//   thread order, the noise σ·C·ξ, and divides by D, column-parallel.
-// "columns" (long rows that do not fit in cache, or fewer rows than threads): region 1 computes
-//   partial sums of squares of (row, column chunk) pieces in parallel; then the coefficients;
-//   region 2, parallel over column chunks, accumulates every row of its chunk in order into the
-//   output (the chunk stays in L1), adds the noise and divides by D. G is read twice.
+// "rows" (a group of rows and an accumulator [P] fit in this thread's share of the cache, see
+//   cpu_cache_budget; B >= threads): the rows are split into one contiguous range per thread. A
+//   thread takes its rows in small groups: the norms of the group (float64 sums of squares; the rows
+//   are now in cache), their clip factors and coefficients (the weights are known beforehand), then
+//   one sweep acc += Σ_r coeff_r·g_r into its own accumulator [P] while the rows are still in cache.
+//   G is read from memory once. Region 2 adds the per-thread accumulators in thread order, the
+//   noise σ·C·ξ, and divides by D, column-parallel.
+// "columns" (long rows that do not fit, or fewer rows than threads): region 1 computes sums of
+//   squares of whole rows (or, with fewer rows than threads, of row pieces) in parallel; then the
+//   coefficients; region 2, parallel over column chunks, accumulates every row of its chunk in order
+//   into the output (the chunk stays in L2), adds the noise and divides by D. G is read twice, each
+//   time as long streams.
+// In both, the normals ξ are drawn during region 1's norm sweeps into a buffer [P] (NoisePlan):
+// Philox and Box–Muller are compute-bound and hide, in part, in the memory-bound sweeps.
+//
+// The AVX2 build converts floats to doubles with the AVX instruction (ATen's generic conversion
+// goes through memory) and draws the noise eight Philox blocks at a time, with SLEEF's log and
+// sincos (1-ulp); the default build draws it one block at a time with the C library's functions.
+// The two noises agree to a few float32 ulps (as the reference, whose functions are torch's).
 //
 // Each output column is a sum over rows in index order (within a thread's row range for "rows"), so
 // for a fixed number of threads the result is deterministic.
@@ -28,33 +38,38 @@
 
 #include <algorithm>
 #include <cmath>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
 #include "demem_common.h"
 #include "demem_kernels.h"
 
-#ifndef DEMEM_FUSED_ENTRY
-#error "define DEMEM_FUSED_ENTRY before including cpu_fused_impl.h"
+#if !defined(DEMEM_FUSED_ENTRY) || !defined(DEMEM_NORMALS_ENTRY)
+#error "define DEMEM_FUSED_ENTRY and DEMEM_NORMALS_ENTRY before including cpu_fused_impl.h"
+#endif
+
+#if defined(CPU_CAPABILITY_AVX2)
+#include <immintrin.h>
 #endif
 
 namespace demem {
 
-// Defined once in cpu_kernels.cpp (default flags, no FMA contraction): out[0:n] =
-// (out + std·ξ[col0 : col0+n]) / denom, with ξ the Philox normals of columns col0.. (col0 % 4 == 0).
-void finish_columns(float* out, int64_t col0, int64_t n, double noise_std, uint64_t seed, uint64_t offset,
-                    double denom);
-void finish_columns(double* out, int64_t col0, int64_t n, double noise_std, uint64_t seed, uint64_t offset,
-                    double denom);
+// Bytes of cache one of `threads` threads may fill with rows and an accumulator (cpu_kernels.cpp).
+int64_t cpu_cache_budget(int64_t threads);
+
+// out[0:n] = the Philox normals of elements 4·block0 .. 4·block0 + n − 1 of the stream `seed`
+// (element j: block j/4, lane j%4). Serial; defined below for this build.
+void DEMEM_NORMALS_ENTRY(float* out, int64_t n, uint64_t seed, uint64_t block0);
 
 namespace {
 
 using at::vec::Vectorized;
 
-constexpr int64_t kChunk = 2048;               // columns per accumulation task (multiple of 4 and of vector widths)
-constexpr int64_t kNormChunk = 16384;          // columns per norm task of the "columns" schedule
-constexpr int64_t kCacheBytes = 768 * 1024;    // what one thread may keep in cache (rows + accumulator)
-constexpr int64_t kMaxGroup = 8;               // rows per accumulation sweep
+constexpr int64_t kChunk = 65536;              // columns per accumulation task (multiple of 4 and of vector widths)
+constexpr int64_t kNormChunk = 65536;          // columns per norm task of the "columns" schedule (at least)
+constexpr int64_t kMaxGroup = 4;               // rows per group of the "rows" schedule (one sweep)
+constexpr int64_t kDrawSpacing = 2048;         // elements of a norm sweep per 32 normals drawn (at most)
 constexpr int64_t kMinTaskBytes = 512 * 1024;  // less work than this per thread is not worth a thread
 constexpr int64_t kMinFinishColumns = 8192;    // columns per task of the noise/finish region
 
@@ -92,28 +107,78 @@ struct Widen<c10::BFloat16> : WidenReduced<c10::BFloat16> {};
 // Adds the squares of a vector to float64 accumulators (the square of a float is exact in float64).
 inline void add_squares(const Vectorized<float>& v, Vectorized<double>& a0, Vectorized<double>& a1) {
   static_assert(Vectorized<float>::size() == 2 * Vectorized<double>::size(), "float vector = 2 double vectors");
+#if defined(CPU_CAPABILITY_AVX2)
+  const __m256 f = v;
+  const Vectorized<double> d0(_mm256_cvtps_pd(_mm256_castps256_ps128(f)));
+  const Vectorized<double> d1(_mm256_cvtps_pd(_mm256_extractf128_ps(f, 1)));
+#else
   auto d = at::vec::convert<double, 2, float, 1>(at::vec::VectorizedN<float, 1>(v));
-  a0 = at::vec::fmadd(d[0], d[0], a0);
-  a1 = at::vec::fmadd(d[1], d[1], a1);
+  const Vectorized<double> d0 = d[0], d1 = d[1];
+#endif
+  a0 = at::vec::fmadd(d0, d0, a0);
+  a1 = at::vec::fmadd(d1, d1, a1);
 }
 inline void add_squares(const Vectorized<double>& v, Vectorized<double>& a0, Vectorized<double>&) {
   a0 = at::vec::fmadd(v, v, a0);
 }
 
-// Σ x² over n elements, accumulated in float64.
+// Normals z[0:count) of Philox blocks block0.. (count 0: none).
+struct NoiseSlice {
+  float* z = nullptr;
+  int64_t count = 0;
+  uint64_t seed = 0;
+  uint64_t block0 = 0;
+};
+
+// The step's P normals, drawn during the norm sweeps (compute-bound work that hides in the
+// memory-bound sweeps) into a buffer that the finish step adds: sweep `item` (of `items`, each over
+// `sweep_len` elements) draws slice(item). A sweep draws 32 normals per kDrawSpacing elements or
+// more; measured on a Zen 4, sparser draws slowed the sweeps down more than they hid.
+struct NoisePlan {
+  float* z = nullptr;  // [P]; nullptr without noise
+  int64_t total = 0;
+  int64_t per_item = 0;  // a multiple of 32 (whole draws of DEMEM_NORMALS_ENTRY's vector path)
+  uint64_t seed = 0;
+  uint64_t offset = 0;
+
+  NoisePlan(float* buffer, int64_t P, int64_t items, int64_t sweep_len, uint64_t seed_, uint64_t offset_)
+      : z(buffer),
+        total(P),
+        per_item(32 * std::max(divup(sweep_len, kDrawSpacing), divup(divup(P, std::max<int64_t>(1, items)), 32))),
+        seed(seed_),
+        offset(offset_) {}
+  NoiseSlice slice(int64_t item) const {
+    if (z == nullptr) return {};
+    const int64_t lo = std::min(total, item * per_item), hi = std::min(total, lo + per_item);
+    return {z + lo, hi - lo, seed, offset + static_cast<uint64_t>(lo / 4)};
+  }
+};
+
+// Σ x² over n elements, accumulated in float64; draws the normals of `noise` in between (spread
+// over the sweep, 32 at a time). The sum does not depend on the noise (same accumulators, same order).
 template <typename scalar_t>
-double sum_squares(const scalar_t* x, int64_t n) {
+double sum_squares(const scalar_t* x, int64_t n, const NoiseSlice& noise = {}) {
   using W = Widen<scalar_t>;
   using acc_t = typename W::acc_t;
+  constexpr int64_t kPair = 2 * W::kStep;
   Vectorized<double> a0(0.0), a1(0.0), b0(0.0), b1(0.0);
+  const int64_t pairs_end = n - n % kPair;
+  const int64_t draws = divup(noise.count, 32);
   int64_t i = 0;
-  for (; i + 2 * W::kStep <= n; i += 2 * W::kStep) {
-    Vectorized<acc_t> u[W::kN], v[W::kN];
-    W::load(x + i, u);
-    W::load(x + i + W::kStep, v);
-    for (int q = 0; q < W::kN; ++q) {
-      add_squares(u[q], a0, a1);
-      add_squares(v[q], b0, b1);
+  for (int64_t d = 0; d <= draws; ++d) {
+    const int64_t stop = d == draws ? pairs_end : (pairs_end / kPair) * (d + 1) / (draws + 1) * kPair;
+    for (; i < stop; i += kPair) {
+      Vectorized<acc_t> u[W::kN], v[W::kN];
+      W::load(x + i, u);
+      W::load(x + i + W::kStep, v);
+      for (int q = 0; q < W::kN; ++q) {
+        add_squares(u[q], a0, a1);
+        add_squares(v[q], b0, b1);
+      }
+    }
+    if (d < draws) {
+      DEMEM_NORMALS_ENTRY(noise.z + 32 * d, std::min<int64_t>(32, noise.count - 32 * d), noise.seed,
+                          noise.block0 + static_cast<uint64_t>(8 * d));
     }
   }
   for (; i + W::kStep <= n; i += W::kStep) {
@@ -188,6 +253,23 @@ void accumulate_rows(acc_type_t<scalar_t>* acc, const scalar_t* x, int64_t strid
   }
 }
 
+// out[0:n] = (out + std·z[0:n]) / denom; without noise (z == nullptr), out / denom.
+template <typename acc_t>
+void finish_columns(acc_t* out, int64_t n, const float* z, double noise_std, double denom) {
+  const acc_t d = static_cast<acc_t>(denom);
+  if (z == nullptr) {
+    for (int64_t i = 0; i < n; ++i) out[i] = out[i] / d;
+    return;
+  }
+  const acc_t s = static_cast<acc_t>(noise_std);
+  for (int64_t i = 0; i < n; ++i) out[i] = (out[i] + s * static_cast<acc_t>(z[i])) / d;
+}
+
+// The noise buffer of a step: P floats when there is noise, else empty (the plan's z is nullptr).
+inline std::unique_ptr<float[]> noise_buffer(const FusedCpuArgs& a) {
+  return a.noise_std > 0 ? std::unique_ptr<float[]>(new float[static_cast<size_t>(a.cols)]) : nullptr;
+}
+
 // Norm, clip factor and coefficient of row i from its sum of squares; writes norms[i], coeff[i].
 template <typename acc_t>
 inline acc_t row_coefficient(const FusedCpuArgs& a, int64_t i, double sum_sq) {
@@ -199,6 +281,70 @@ inline acc_t row_coefficient(const FusedCpuArgs& a, int64_t i, double sum_sq) {
   return cf;
 }
 
+#if defined(CPU_CAPABILITY_AVX2)
+// hi and lo 32 bits of m·x in each of the eight 32-bit lanes (m broadcast).
+inline __m256i mulhilo8(__m256i m, __m256i x, __m256i& lo) {
+  const __m256i even = _mm256_mul_epu32(x, m);                        // lanes 0, 2, 4, 6 (64-bit products)
+  const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(x, 32), m);  // lanes 1, 3, 5, 7
+  lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
+  return _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
+}
+
+// The Philox uniform of each lane: float32(x)·2⁻³² + 2⁻³³, float32(x) rounded once as the scalar cast
+// (the two 16-bit halves convert exactly; their sum rounds once).
+inline __m256 uniform8(__m256i x) {
+  const __m256 hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(x, 16));
+  const __m256 lo = _mm256_cvtepi32_ps(_mm256_and_si256(x, _mm256_set1_epi32(0xFFFF)));
+  const __m256 f = _mm256_add_ps(_mm256_mul_ps(hi, _mm256_set1_ps(65536.0f)), lo);
+  return _mm256_add_ps(_mm256_mul_ps(f, _mm256_set1_ps(2.3283064365386962890625e-10f)),
+                       _mm256_set1_ps(1.16415321826934814453125e-10f));
+}
+
+// The 32 normals of Philox blocks block0 .. block0 + 7, in stream order (block-major, lane-minor).
+inline void philox_normal32(uint64_t block0, uint64_t seed, float* out) {
+  alignas(32) uint32_t c0[8], c1[8];
+  for (int b = 0; b < 8; ++b) {
+    const uint64_t block = block0 + static_cast<uint64_t>(b);
+    c0[b] = static_cast<uint32_t>(block);
+    c1[b] = static_cast<uint32_t>(block >> 32);
+  }
+  __m256i x0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(c0));
+  __m256i x1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(c1));
+  __m256i x2 = _mm256_setzero_si256(), x3 = _mm256_setzero_si256();
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  const __m256i m0 = _mm256_set1_epi32(static_cast<int>(kPhiloxM0));
+  const __m256i m1 = _mm256_set1_epi32(static_cast<int>(kPhiloxM1));
+  for (int round = 0; round < 10; ++round) {
+    __m256i lo0, lo1;
+    const __m256i hi0 = mulhilo8(m0, x0, lo0);
+    const __m256i hi1 = mulhilo8(m1, x2, lo1);
+    x0 = _mm256_xor_si256(_mm256_xor_si256(hi1, x1), _mm256_set1_epi32(static_cast<int>(k0)));
+    x2 = _mm256_xor_si256(_mm256_xor_si256(hi0, x3), _mm256_set1_epi32(static_cast<int>(k1)));
+    x1 = lo1;
+    x3 = lo0;
+    k0 += kPhiloxW0;
+    k1 += kPhiloxW1;
+  }
+  // Box–Muller on lane pairs (0, 1) and (2, 3), as philox_normal4.
+  const __m256 minus_two = _mm256_set1_ps(-2.0f), two_pi = _mm256_set1_ps(6.283185307179586f);
+  const __m256 r01 = _mm256_sqrt_ps(_mm256_mul_ps(minus_two, Sleef_logf8_u10avx2(uniform8(x0))));
+  const __m256 r23 = _mm256_sqrt_ps(_mm256_mul_ps(minus_two, Sleef_logf8_u10avx2(uniform8(x2))));
+  const Sleef___m256_2 sc01 = Sleef_sincosf8_u10avx2(_mm256_mul_ps(two_pi, uniform8(x1)));
+  const Sleef___m256_2 sc23 = Sleef_sincosf8_u10avx2(_mm256_mul_ps(two_pi, uniform8(x3)));
+  const __m256 z0 = _mm256_mul_ps(r01, sc01.y), z1 = _mm256_mul_ps(r01, sc01.x);
+  const __m256 z2 = _mm256_mul_ps(r23, sc23.y), z3 = _mm256_mul_ps(r23, sc23.x);
+  // Transpose lanes × blocks into block-major order.
+  const __m256 t0 = _mm256_unpacklo_ps(z0, z1), t1 = _mm256_unpackhi_ps(z0, z1);  // blocks 0,1 | 4,5 ; 2,3 | 6,7
+  const __m256 t2 = _mm256_unpacklo_ps(z2, z3), t3 = _mm256_unpackhi_ps(z2, z3);
+  const __m256 b04 = _mm256_shuffle_ps(t0, t2, 0x44), b15 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  const __m256 b26 = _mm256_shuffle_ps(t1, t3, 0x44), b37 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  _mm256_storeu_ps(out, _mm256_permute2f128_ps(b04, b15, 0x20));
+  _mm256_storeu_ps(out + 8, _mm256_permute2f128_ps(b26, b37, 0x20));
+  _mm256_storeu_ps(out + 16, _mm256_permute2f128_ps(b04, b15, 0x31));
+  _mm256_storeu_ps(out + 24, _mm256_permute2f128_ps(b26, b37, 0x31));
+}
+#endif
+
 template <typename scalar_t>
 void fused_rows_schedule(const FusedCpuArgs& a, int64_t parts, int64_t group, int64_t threads) {
   using acc_t = acc_type_t<scalar_t>;
@@ -209,6 +355,8 @@ void fused_rows_schedule(const FusedCpuArgs& a, int64_t parts, int64_t group, in
   std::vector<acc_t> extra(static_cast<size_t>((parts - 1) * P));
   auto accumulator = [&](int64_t p) { return p == 0 ? grad : extra.data() + (p - 1) * P; };
   const int64_t per_part = divup(B, parts);
+  const auto noise_z = noise_buffer(a);
+  const NoisePlan noise(noise_z.get(), P, B, P, a.seed, a.offset);
 
   at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
     acc_t cf[kMaxGroup];
@@ -221,7 +369,9 @@ void fused_rows_schedule(const FusedCpuArgs& a, int64_t parts, int64_t group, in
       }
       for (int64_t r0 = r_begin; r0 < r_end; r0 += group) {
         const int64_t nr = std::min(group, r_end - r0);
-        for (int64_t r = 0; r < nr; ++r) cf[r] = row_coefficient<acc_t>(a, r0 + r, sum_squares(G + (r0 + r) * P, P));
+        for (int64_t r = 0; r < nr; ++r) {
+          cf[r] = row_coefficient<acc_t>(a, r0 + r, sum_squares(G + (r0 + r) * P, P, noise.slice(r0 + r)));
+        }
         accumulate_rows<scalar_t>(acc, G + r0 * P, P, P, cf, nr, r0 == r_begin);
       }
     }
@@ -237,7 +387,7 @@ void fused_rows_schedule(const FusedCpuArgs& a, int64_t parts, int64_t group, in
         const acc_t* src = accumulator(p) + col0;
         for (int64_t i = 0; i < n; ++i) out[i] += src[i];
       }
-      finish_columns(out, col0, n, a.noise_std, a.seed, a.offset, a.denom);
+      finish_columns(out, n, noise.z == nullptr ? nullptr : noise.z + col0, a.noise_std, a.denom);
     }
   });
 }
@@ -248,14 +398,19 @@ void fused_columns_schedule(const FusedCpuArgs& a, int64_t threads) {
   const scalar_t* G = static_cast<const scalar_t*>(a.grads);
   acc_t* grad = static_cast<acc_t*>(a.grad);
   const int64_t B = a.rows, P = a.cols;
-  const int64_t nn = divup(P, kNormChunk);
+  // Norm pieces: whole rows when there are enough rows for the threads (long streams), else pieces of
+  // at least kNormChunk columns, about four per thread.
+  const int64_t piece = std::max(kNormChunk, 64 * divup(divup(P, divup(4 * threads, B)), 64));
+  const int64_t nn = divup(P, piece);
   std::vector<double> partial(static_cast<size_t>(B * nn));
+  const auto noise_z = noise_buffer(a);
+  const NoisePlan noise(noise_z.get(), P, B * nn, std::min(piece, P), a.seed, a.offset);
   // Region 1: (row, chunk) sums of squares, chunk-major so neighbouring tasks share a column range.
   at::parallel_for(0, B * nn, divup(B * nn, threads), [&](int64_t begin, int64_t end) {
     for (int64_t idx = begin; idx < end; ++idx) {
       const int64_t c = idx / B, r = idx % B;
-      const int64_t col0 = c * kNormChunk;
-      partial[r * nn + c] = sum_squares(G + r * P + col0, std::min(kNormChunk, P - col0));
+      const int64_t col0 = c * piece;
+      partial[r * nn + c] = sum_squares(G + r * P + col0, std::min(piece, P - col0), noise.slice(idx));
     }
   });
   std::vector<acc_t> cf(static_cast<size_t>(B));
@@ -270,7 +425,7 @@ void fused_columns_schedule(const FusedCpuArgs& a, int64_t threads) {
     for (int64_t c = begin; c < end; ++c) {
       const int64_t col0 = c * kChunk, n = std::min(kChunk, P - col0);
       accumulate_rows<scalar_t>(grad + col0, G + col0, P, n, cf.data(), B, true);
-      finish_columns(grad + col0, col0, n, a.noise_std, a.seed, a.offset, a.denom);
+      finish_columns(grad + col0, n, noise.z == nullptr ? nullptr : noise.z + col0, a.noise_std, a.denom);
     }
   });
 }
@@ -284,9 +439,10 @@ void fused_step_impl(const FusedCpuArgs& a) {
   const int64_t threads = std::clamp<int64_t>(work_bytes / kMinTaskBytes, 1, std::max(1, at::get_num_threads()));
   const int64_t row_bytes = std::max<int64_t>(1, P * static_cast<int64_t>(sizeof(scalar_t)));
   const int64_t acc_bytes = P * static_cast<int64_t>(sizeof(acc_t));
-  const bool rows_fit = row_bytes + acc_bytes <= kCacheBytes;
+  const int64_t budget = cpu_cache_budget(std::min(threads, B));
+  const bool rows_fit = row_bytes + acc_bytes <= budget;
   if (rows_fit && (B >= threads || P <= kChunk)) {
-    const int64_t group = std::clamp<int64_t>((kCacheBytes - acc_bytes) / row_bytes, 1, kMaxGroup);
+    const int64_t group = std::clamp<int64_t>((budget - acc_bytes) / row_bytes, 1, kMaxGroup);
     fused_rows_schedule<scalar_t>(a, std::min(threads, B), group, threads);
   } else {
     fused_columns_schedule<scalar_t>(a, threads);
@@ -294,6 +450,24 @@ void fused_step_impl(const FusedCpuArgs& a) {
 }
 
 }  // namespace
+
+void DEMEM_NORMALS_ENTRY(float* out, int64_t n, uint64_t seed, uint64_t block0) {
+  int64_t j = 0;
+#if defined(CPU_CAPABILITY_AVX2)
+  for (; j + 32 <= n; j += 32) philox_normal32(block0 + static_cast<uint64_t>(j / 4), seed, out + j);
+  if (j < n) {
+    float z[32];
+    philox_normal32(block0 + static_cast<uint64_t>(j / 4), seed, z);
+    std::copy(z, z + (n - j), out + j);
+  }
+#else
+  for (; j < n; j += 4) {
+    float z[4];
+    philox_normal4(block0 + static_cast<uint64_t>(j / 4), seed, z);
+    std::copy(z, z + std::min<int64_t>(4, n - j), out + j);
+  }
+#endif
+}
 
 void DEMEM_FUSED_ENTRY(const FusedCpuArgs& args) {
   switch (args.kind) {

@@ -1,9 +1,11 @@
-// CPU kernels of demem_ext, default build flags: the fused step (cpu_fused_impl.h), the dispatch
-// between it and the AVX2 build (cpu_kernels_avx2.cpp), the noise/finish step and the Philox
-// generator. The Philox and Box–Muller arithmetic is compiled only here, once, without FMA
-// contraction, so both fused builds add exactly the same noise.
+// CPU kernels of demem_ext, default build flags: the fused step and the Philox normals
+// (cpu_fused_impl.h), the dispatch between them and their AVX2 build (cpu_kernels_avx2.cpp), and the
+// cache budget that chooses the fused step's schedule.
 #define DEMEM_FUSED_ENTRY fused_step_cpu_default
+#define DEMEM_NORMALS_ENTRY philox_normals_cpu_default
 #include "cpu_fused_impl.h"
+
+#include <unistd.h>
 
 #include <cstdlib>
 #include <cstring>
@@ -14,29 +16,21 @@ namespace demem {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define DEMEM_HAVE_AVX2_BUILD 1
 void fused_step_cpu_avx2(const FusedCpuArgs& args);
+void philox_normals_cpu_avx2(float* out, int64_t n, uint64_t seed, uint64_t block0);
 #endif
 
 namespace {
 
-template <typename acc_t>
-void finish_columns_impl(acc_t* out, int64_t col0, int64_t n, double noise_std, uint64_t seed, uint64_t offset,
-                         double denom) {
-  const acc_t d = static_cast<acc_t>(denom);
-  if (noise_std > 0) {
-    const acc_t s = static_cast<acc_t>(noise_std);
-    const uint64_t block0 = offset + static_cast<uint64_t>(col0 / 4);
-    for (int64_t b = 0; 4 * b < n; ++b) {
-      float z[4];
-      philox_normal4(block0 + static_cast<uint64_t>(b), seed, z);
-      const int64_t m = std::min<int64_t>(4, n - 4 * b);
-      for (int64_t l = 0; l < m; ++l) {
-        const acc_t noise = s * static_cast<acc_t>(z[l]);
-        out[4 * b + l] = (out[4 * b + l] + noise) / d;
-      }
+// The last-level cache in bytes (sysconf; 1 MiB when the system does not say).
+int64_t last_level_cache_bytes() {
+  static const int64_t bytes = [] {
+    for (const int name : {_SC_LEVEL3_CACHE_SIZE, _SC_LEVEL2_CACHE_SIZE}) {
+      const long v = sysconf(name);
+      if (v > 0) return static_cast<int64_t>(v);
     }
-  } else {
-    for (int64_t i = 0; i < n; ++i) out[i] = out[i] / d;
-  }
+    return static_cast<int64_t>(1) << 20;
+  }();
+  return bytes;
 }
 
 bool use_avx2() {
@@ -55,13 +49,15 @@ bool use_avx2() {
 
 }  // namespace
 
-void finish_columns(float* out, int64_t col0, int64_t n, double noise_std, uint64_t seed, uint64_t offset,
-                    double denom) {
-  finish_columns_impl(out, col0, n, noise_std, seed, offset, denom);
-}
-void finish_columns(double* out, int64_t col0, int64_t n, double noise_std, uint64_t seed, uint64_t offset,
-                    double denom) {
-  finish_columns_impl(out, col0, n, noise_std, seed, offset, denom);
+// A thread's share of 3/4 of the last-level cache (the rest for the OS, other processes, the
+// noise). DEMEM_CPU_CACHE_BYTES, read at each call, overrides the total: tests and benchmarks force
+// a schedule with it (0: always "columns"; very large: "rows" whenever B >= threads).
+int64_t cpu_cache_budget(int64_t threads) {
+  int64_t total = last_level_cache_bytes() / 4 * 3;
+  if (const char* forced = std::getenv("DEMEM_CPU_CACHE_BYTES"); forced != nullptr && *forced != '\0') {
+    total = std::strtoll(forced, nullptr, 10);
+  }
+  return total / std::max<int64_t>(1, threads);
 }
 
 const char* cpu_kernel_capability() { return use_avx2() ? "avx2" : "default"; }
@@ -74,14 +70,19 @@ void fused_step_cpu_kernel(const FusedCpuArgs& args) {
 }
 
 void philox_normal_cpu_kernel(float* out, int64_t n, uint64_t seed, uint64_t offset) {
-  const int64_t blocks = divup(n, 4);
-  at::parallel_for(0, blocks, 4096, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      float z[4];
-      philox_normal4(offset + static_cast<uint64_t>(b), seed, z);
-      const int64_t j0 = 4 * b;
-      const int64_t m = std::min<int64_t>(4, n - j0);
-      for (int64_t l = 0; l < m; ++l) out[j0 + l] = z[l];
+  constexpr int64_t kPiece = 4096;  // elements per task (multiple of 4)
+  [[maybe_unused]] const bool avx2 = use_avx2();
+  at::parallel_for(0, divup(n, kPiece), 16, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t j0 = p * kPiece, m = std::min(kPiece, n - j0);
+      const uint64_t block0 = offset + static_cast<uint64_t>(j0 / 4);
+#ifdef DEMEM_HAVE_AVX2_BUILD
+      if (avx2) {
+        philox_normals_cpu_avx2(out + j0, m, seed, block0);
+        continue;
+      }
+#endif
+      philox_normals_cpu_default(out + j0, m, seed, block0);
     }
   });
 }

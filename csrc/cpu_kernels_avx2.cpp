@@ -1,4 +1,4 @@
-// The CPU fused step (cpu_fused_impl.h) built for AVX2 + FMA + F16C, used at run time on CPUs that
+// The CPU fused step and Philox normals (cpu_fused_impl.h) built for AVX2 + FMA + F16C, used at run time on CPUs that
 // have them (see fused_step_cpu_kernel in cpu_kernels.cpp). setup.py compiles every .cpp with the
 // same portable flags, so the ISA is enabled here with a target pragma and ATen's vector headers
 // are switched to their AVX2 implementation (namespace at::vec::AVX2, as ATen's own AVX2 kernels).
@@ -48,6 +48,7 @@
 #define CPU_CAPABILITY AVX2
 #define CPU_CAPABILITY_AVX2
 #define DEMEM_FUSED_ENTRY fused_step_cpu_avx2
+#define DEMEM_NORMALS_ENTRY philox_normals_cpu_avx2
 #include "cpu_fused_impl.h"
 
 #if defined(__clang__)

@@ -39,7 +39,8 @@ EPS64 = 2.0**-53
 NOISE_RTOL = 1e-6  # |ξ_ext − ξ_ref| ≤ NOISE_RTOL·|ξ_ref|: a few float32 ulps (Box–Muller transcendentals)
 MAX_ELEMENTS = 1_200_000  # B·P cap per example, to keep the suite fast
 PROPS = settings(max_examples=200, deadline=None, derandomize=True,
-                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                         HealthCheck.function_scoped_fixture])
 
 
 def unit_roundoff(dtype: torch.dtype) -> float:
@@ -190,10 +191,24 @@ def check_fused_against_reference(case, ext, noise_rtol=None):
         assert torch.all((g_ext - g_ref).abs() <= tol_ref)
 
 
+# DEMEM_CPU_CACHE_BYTES: unset (the machine's cache decides), 0 (always the "columns" schedule), 1e12
+# (the "rows" schedule whenever there are at least as many rows as threads).
+SCHEDULES = [None, "0", "1000000000000"]
+
+
+@pytest.fixture(params=SCHEDULES, ids=["auto", "columns", "rows"])
+def cpu_schedule(request, monkeypatch):
+    if request.param is None:
+        monkeypatch.delenv("DEMEM_CPU_CACHE_BYTES", raising=False)
+    else:
+        monkeypatch.setenv("DEMEM_CPU_CACHE_BYTES", request.param)
+    return request.param
+
+
 @needs_ext
 @PROPS
-@given(fused_cases())
-def test_fused_step_matches_reference(case):
+@given(case=fused_cases())
+def test_fused_step_matches_reference(cpu_schedule, case):
     check_fused_against_reference(case, run_fused("extension", *case))
 
 
@@ -241,9 +256,10 @@ def test_quantile_threshold_is_exact(quantile):
 
 @needs_ext
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(1, 1), (3, 5), (2, 2049), (300, 7), (5, 100_003), (64, 20_000)])
-def test_fused_schedules_and_tails(dtype, shape):
-    """Row/column schedules, vector tails and chunk edges, with noise, clipping and high-risk scope."""
+@pytest.mark.parametrize("shape", [(1, 1), (3, 5), (2, 2049), (300, 7), (5, 100_003), (64, 20_000),
+                                   (3, 70_001), (1, 300_007)])
+def test_fused_schedules_and_tails(cpu_schedule, dtype, shape):
+    """Row/column schedules, vector tails, chunk and noise-slice edges, with noise, clipping and high-risk scope."""
     gen = torch.Generator().manual_seed(shape[0] * 100 + shape[1])
     grads = torch.randn(*shape, generator=gen).to(dtype)
     scores = torch.randn(shape[0], generator=gen)
@@ -325,9 +341,11 @@ def test_default_isa_build_matches(tmp_path):
         u = unit_roundoff(g.dtype)
         for a, b in zip(mine[1:], other[key][1:]):  # weights, risk, norms, coeff
             torch.testing.assert_close(a, b, rtol=2 * u, atol=0)
-        # same coefficients and noise code; only the accumulation (FMA or not) differs
+        # same coefficients; the accumulation differs (FMA or not) and so do the normals, by a few
+        # float32 ulps (SLEEF's log/sincos in the AVX2 build, the C library's in the default one)
         mass = (mine[4].double().abs() @ g.double().abs()) / 37.0
-        tol = 2 * (37 + 4) * u * mass + 4 * u * mine[0].double().abs()
+        z = reference.philox_normal(g.shape[1], 3, 4).double()
+        tol = 2 * (37 + 4) * u * mass + 4 * u * mine[0].double().abs() + NOISE_RTOL * 0.5 * z.abs() / 37.0
         assert torch.all((mine[0].double() - other[key][0].double()).abs() <= tol)
 
 
