@@ -33,6 +33,7 @@ from demem_ext.autograd import demem_loss
 from demem_ext.config import DeMemConfig
 from demem_ext.opacus_engine import OpacusEngine
 from demem_ext.per_sample import (
+    FlatBuffer,
     LossModule,
     check_loss_shape,
     flat_dtype,
@@ -41,7 +42,12 @@ from demem_ext.per_sample import (
 )
 from demem_ext.privacy import accounting
 
-CHUNK_BUDGET_BYTES = 256 * 2**20  # per-sample gradient rows per chunk: chunk·P·itemsize <= this
+# Default chunks of the torch.func engine: a quarter of the batch (at least CHUNK_MIN_ROWS rows), so that
+# the per-sample gradients held at once stay well below one [B, P] matrix, and at most
+# CHUNK_BUDGET_BYTES of them (chunk·P·itemsize <= this) for large models.
+CHUNK_BUDGET_BYTES = 256 * 2**20
+CHUNK_MIN_ROWS = 8
+CHUNKS_PER_BATCH = 4
 NONFINITE_MODES = ("error", "skip")
 ENGINES = ("torch.func", "opacus")
 STATE_KEYS = ("trace", "visited", "seed", "offset", "steps", "noisy_batch_sizes")
@@ -80,6 +86,12 @@ class _BatchSum(NamedTuple):
 GradsOf = Callable[[Sequence[torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]
 
 
+def default_chunk_rows(batch_size: int, row_bytes: int) -> int:
+    """Rows per chunk when chunk_size is None: ⌈B/4⌉, at least CHUNK_MIN_ROWS, at most the budget."""
+    by_budget = max(1, CHUNK_BUDGET_BYTES // max(1, row_bytes))
+    return min(by_budget, max(CHUNK_MIN_ROWS, -(-batch_size // CHUNKS_PER_BATCH)))
+
+
 def _random_seed() -> int:
     """A 63-bit seed from torch's global generator (reproducible under torch.manual_seed)."""
     return int(torch.randint(0, 2**63 - 1, ()).item())
@@ -97,8 +109,8 @@ class DeMem:
     num_samples: dataset size (needed by proxy="trace" and by `privacy_spent`).
     seed: noise seed (None: drawn from torch's global generator); secure_noise: a fresh seed from
     os.urandom for every noisy step. nonfinite: "error" (raise) or "skip" (drop non-finite samples
-    and count them in `stats`). chunk_size: per-sample gradient rows computed at once (None: as
-    many as fit in 256 MiB). engine: where per-sample gradients come from — "torch.func" (vmap over
+    and count them in `stats`). chunk_size: per-sample gradient rows computed at once (None: a
+    quarter of the batch, at least 8 rows, at most 256 MiB of gradients). engine: where per-sample gradients come from — "torch.func" (vmap over
     `loss_fn`, in chunks) or "opacus" (Opacus's GradSampleModule hooks on the model, while the block
     is active; then `dm.backward(per_sample_losses)` also works with clipping and noise, the losses
     coming from a train-mode forward of the model; Opacus must be installed).
@@ -196,6 +208,7 @@ class DeMem:
         self._real_step: Optional[Callable[..., Any]] = None
         self._stats: Optional[DeMemStats] = None
         self._stats_open = False  # stats merge the backward calls since the last step
+        self._flat = FlatBuffer()  # flattened per-sample gradients, reused (released on exit)
         self._reset_pending()
 
     # ------------------------------------------------------------------ context manager
@@ -234,6 +247,7 @@ class DeMem:
         if self._opacus is not None:
             self._opacus.close()
             self._opacus = None
+        self._flat.release()
         self._active = False
         self._real_step = self._saved_step = None
         if self._grad_sum is not None and exc_type is None:
@@ -389,14 +403,14 @@ class DeMem:
 
         def grads_of(rows: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
             if self._opacus is None:
-                return per_sample_grads(loss_module, detached, rows, dtype)
+                return per_sample_grads(loss_module, detached, rows, dtype, self._flat)
             with torch.enable_grad():
                 losses = loss_module(*rows)
             check_loss_shape(losses, rows[0].shape[0])
-            return self._opacus.per_sample_grads(losses, params, dtype), losses.detach()
+            return self._opacus.per_sample_grads(losses, params, dtype, self._flat), losses.detach()
 
         numel = sum(p.numel() for p in params)
-        rows = self.chunk_size or max(1, CHUNK_BUDGET_BYTES // (numel * dtype.itemsize))
+        rows = self.chunk_size or default_chunk_rows(batch_size, numel * dtype.itemsize)
         if batch_size <= rows:
             self._accumulate(self._one_chunk(grads_of, batch, idx), params, idx, batch_size)
         else:
@@ -406,7 +420,7 @@ class DeMem:
         """`backward` of a clipping/noise config with engine="opacus": the per-sample path on the
         per-sample gradients Opacus's hooks compute for these losses (the batch in one chunk)."""
         params = [p for _, p in self._trainable_parameters()]
-        grads = self._opacus.per_sample_grads(losses, params, flat_dtype(params))
+        grads = self._opacus.per_sample_grads(losses, params, flat_dtype(params), self._flat)
         self._accumulate(self._one_chunk(lambda _: (grads, losses.detach()), (), idx), params, idx,
                          losses.shape[0])
 

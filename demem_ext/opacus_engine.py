@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Iterator, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 from torch import nn
+
+from demem_ext.per_sample import FlatBuffer, flatten_into
 
 
 def _hooks_class() -> type:
@@ -53,10 +55,11 @@ class OpacusEngine:
             yield
 
     def per_sample_grads(self, losses: torch.Tensor, params: Sequence[nn.Parameter],
-                         dtype: torch.dtype) -> torch.Tensor:
+                         dtype: torch.dtype, out: Optional[FlatBuffer] = None) -> torch.Tensor:
         """[B, P] per-sample gradients of losses [B] (computed by a forward with the hooks on).
 
-        The parameters' `.grad` is not touched; rows follow `params`, flattened, as `dtype`.
+        The parameters' `.grad` is not touched; rows follow `params`, flattened, as `dtype` (into
+        `out` when given: the result is then a view of it, valid until its next use).
         """
         batch = losses.shape[0]
         for p in params:
@@ -77,9 +80,9 @@ class OpacusEngine:
                 raise ValueError(f"Opacus recorded per-sample gradients for {sample.shape[0]} samples but "
                                  f"per_sample_losses has {batch}: compute the losses from one train-mode "
                                  "forward of the model on the batch")
-            rows.append(sample.reshape(batch, -1).to(dtype))
+            rows.append(sample)
             p.grad_sample = None
-        return torch.cat(rows, dim=1)
+        return flatten_into(rows, batch, dtype, out)
 
     def close(self) -> None:
         """Remove the hooks and every attribute Opacus added to the parameters and layers."""

@@ -7,7 +7,7 @@ model in any way (submodules, several forward calls) and still be differentiated
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -51,16 +51,51 @@ def check_loss_shape(losses: object, batch_size: int) -> None:
         )
 
 
+class FlatBuffer:
+    """A [rows, P] matrix reused from call to call for flattened per-sample gradients.
+
+    Memory that stays allocated costs no page faults: on the project's CPU machine, concatenating a
+    ResNet-18's per-sample gradients for a batch of 64 into a fresh [64, 11.2M] float32 matrix took
+    6 s (page faults of 2.9 GB), into a reused one 0.25 s. `release()` frees it.
+    """
+
+    def __init__(self) -> None:
+        self._matrix: Optional[torch.Tensor] = None
+
+    def rows(self, n: int, size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A contiguous [n, size] view of the buffer (reallocated when too small or of another kind)."""
+        m = self._matrix
+        if m is None or m.shape[0] < n or m.shape[1] != size or m.dtype != dtype or m.device != device:
+            self._matrix = None  # free the old one before allocating
+            self._matrix = m = torch.empty(n, size, dtype=dtype, device=device)
+        return m[:n]
+
+    def release(self) -> None:
+        self._matrix = None
+
+
+def flatten_into(pieces: Sequence[torch.Tensor], batch: int, dtype: torch.dtype,
+                 out: Optional[FlatBuffer]) -> torch.Tensor:
+    """[batch, P]: each piece [batch, ...] flattened and concatenated (into `out` when given)."""
+    rows = [piece.reshape(batch, -1).to(dtype) for piece in pieces]
+    if out is None:
+        return torch.cat(rows, dim=1)
+    flat = out.rows(batch, sum(r.shape[1] for r in rows), dtype, rows[0].device)
+    return torch.cat(rows, dim=1, out=flat)
+
+
 def per_sample_grads(
     module: LossModule,
     params: dict[str, torch.Tensor],
     batch: Sequence[torch.Tensor],
     dtype: torch.dtype,
+    out: Optional[FlatBuffer] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample gradients flattened to [b, P] (in `params` order, as `dtype`) and losses [b].
 
     params: the trainable parameters of `module` by their names in it ("model.<name>"), detached;
-    the other parameters and the buffers are the module's own.
+    the other parameters and the buffers are the module's own. out: a FlatBuffer to write into (the
+    result is then a view of it, valid until its next use).
     """
 
     def sample_loss(p: dict[str, torch.Tensor], *sample: torch.Tensor) -> torch.Tensor:
@@ -72,5 +107,4 @@ def per_sample_grads(
     grads, losses = vmap(grad_and_value(sample_loss), in_dims=in_dims, randomness="different")(
         params, *batch
     )
-    flat = torch.cat([grads[name].reshape(losses.shape[0], -1).to(dtype) for name in params], dim=1)
-    return flat, losses.detach()
+    return flatten_into([grads[name] for name in params], losses.shape[0], dtype, out), losses.detach()

@@ -15,6 +15,7 @@ from torch import nn
 import demem_ext as dx
 from demem_ext import middleware, reference
 from demem_ext.config import DeMemConfig
+from demem_ext.per_sample import FlatBuffer, flatten_into
 from demem_ext.privacy import accounting
 
 B = 8
@@ -117,6 +118,42 @@ def test_automatic_chunk_size_from_memory_budget(monkeypatch):
     size = flat(make_model()).numel()
     monkeypatch.setattr(middleware, "CHUNK_BUDGET_BYTES", 2 * size * 4)  # two rows per chunk
     torch.testing.assert_close(sgd_update(make_model(), [(x, y)], cfg), one, rtol=1e-5, atol=1e-6)
+
+
+def test_default_chunk_rows():
+    """A quarter of the batch (at least 8 rows), at most CHUNK_BUDGET_BYTES of per-sample gradients."""
+    assert middleware.default_chunk_rows(64, 208_000) == 16
+    assert middleware.default_chunk_rows(65, 208_000) == 17
+    assert middleware.default_chunk_rows(8, 208_000) == 8
+    assert middleware.default_chunk_rows(3, 4) == 8  # small batches: one chunk
+    assert middleware.default_chunk_rows(64, 44_700_000) == middleware.CHUNK_BUDGET_BYTES // 44_700_000
+    assert middleware.default_chunk_rows(64, 2**40) == 1
+
+
+def test_flat_buffer_is_reused():
+    buf = FlatBuffer()
+    a = buf.rows(4, 10, torch.float32, torch.device("cpu"))
+    assert a.shape == (4, 10) and a.is_contiguous()
+    assert buf.rows(3, 10, torch.float32, torch.device("cpu")).data_ptr() == a.data_ptr()  # smaller: same memory
+    assert buf.rows(5, 10, torch.float32, torch.device("cpu")).shape == (5, 10)  # larger: reallocated
+    assert buf.rows(2, 10, torch.float64, torch.device("cpu")).dtype == torch.float64
+    pieces = [torch.randn(3, 2, 2), torch.randn(3, 5)]
+    expected = torch.cat([p.reshape(3, -1) for p in pieces], dim=1)
+    assert torch.equal(flatten_into(pieces, 3, torch.float32, buf), expected)
+    assert torch.equal(flatten_into(pieces, 3, torch.float32, None), expected)
+    buf.release()
+    assert buf._matrix is None
+
+
+def test_per_sample_buffer_released_on_exit():
+    model, (x, y) = make_model(), make_data()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with dx.DeMem(model, opt, max_grad_norm=1.0) as dm:
+        for _ in range(2):  # the second step writes into the first step's buffer
+            dm.backward_per_sample(loss_fn, x, y)
+            opt.step()
+        assert dm._flat._matrix is not None
+    assert dm._flat._matrix is None
 
 
 def test_matches_opacus_dp_sgd_with_lam_zero():
