@@ -440,9 +440,13 @@ void fused_step_impl(const FusedCpuArgs& a) {
   const int64_t row_bytes = std::max<int64_t>(1, P * static_cast<int64_t>(sizeof(scalar_t)));
   const int64_t acc_bytes = P * static_cast<int64_t>(sizeof(acc_t));
   const int64_t budget = cpu_cache_budget(std::min(threads, B));
-  const bool rows_fit = row_bytes + acc_bytes <= budget;
-  if (rows_fit && (B >= threads || P <= kChunk)) {
-    const int64_t group = std::clamp<int64_t>((budget - acc_bytes) / row_bytes, 1, kMaxGroup);
+  const int64_t group = std::clamp<int64_t>((budget - acc_bytes) / row_bytes, 1, kMaxGroup);
+  // "rows" reads each row from memory once, then again from cache with the accumulator (read and
+  // written once per group); "columns" reads each row from memory twice. Cache traffic costs about a
+  // quarter of memory traffic (Zen 4, docs/benchmarks.md), so "rows" wins while
+  // row + 2·acc/group < 4·row, i.e. 2·acc < 3·group·row (not so for a bf16 row with 1-row groups).
+  const bool rows_pay = 2 * acc_bytes < 3 * group * row_bytes;
+  if (row_bytes + acc_bytes <= budget && rows_pay && (B >= threads || P <= kChunk)) {
     fused_rows_schedule<scalar_t>(a, std::min(threads, B), group, threads);
   } else {
     fused_columns_schedule<scalar_t>(a, threads);
