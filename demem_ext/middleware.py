@@ -603,7 +603,7 @@ class DeMem:
                                     "loss_fn returned non-finite losses or gradients")
         if not bool(keep.any()):
             return _BatchSum(None, [], keep, losses)
-        result = functional.fused_step(grads[keep], scores, rule)
+        result = functional.fused_step(grads if bool(keep.all()) else grads[keep], scores, rule)
         return _BatchSum(result.grad, [result], keep, losses)
 
     def _chunks(self, loss_module: LossModule, grads_of: GradsOf, batch: Sequence[torch.Tensor],
