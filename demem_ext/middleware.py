@@ -110,10 +110,11 @@ class DeMem:
     seed: noise seed (None: drawn from torch's global generator); secure_noise: a fresh seed from
     os.urandom for every noisy step. nonfinite: "error" (raise) or "skip" (drop non-finite samples
     and count them in `stats`). chunk_size: per-sample gradient rows computed at once (None: a
-    quarter of the batch, at least 8 rows, at most 256 MiB of gradients). engine: where per-sample gradients come from — "torch.func" (vmap over
-    `loss_fn`, in chunks) or "opacus" (Opacus's GradSampleModule hooks on the model, while the block
-    is active; then `dm.backward(per_sample_losses)` also works with clipping and noise, the losses
-    coming from a train-mode forward of the model; Opacus must be installed).
+    quarter of the batch, at least 8 rows, at most 256 MiB of gradients). engine: where per-sample
+    gradients come from — "torch.func" (vmap over `loss_fn`, in chunks) or "opacus" (Opacus's
+    GradSampleModule hooks on the model, while the block is active; then `dm.backward(per_sample_losses)`
+    also works with clipping and noise, the losses coming from a train-mode forward of the model;
+    Opacus must be installed).
 
     Under torch.distributed (initialised, world size > 1) the order is
     `DeMem(DistributedDataParallel(model), optimizer)`: DDP inside, DeMem outside, on every rank,

@@ -66,9 +66,10 @@ class FlatBuffer:
         """A contiguous [n, size] view of the buffer (reallocated when too small or of another kind)."""
         m = self._matrix
         if m is None or m.shape[0] < n or m.shape[1] != size or m.dtype != dtype or m.device != device:
-            self._matrix = None  # free the old one before allocating
-            self._matrix = m = torch.empty(n, size, dtype=dtype, device=device)
-        return m[:n]
+            del m
+            self._matrix = None  # free the old one before allocating the new one
+            self._matrix = torch.empty(n, size, dtype=dtype, device=device)
+        return self._matrix[:n]
 
     def release(self) -> None:
         self._matrix = None
