@@ -21,13 +21,15 @@ void philox_normals_cpu_avx2(float* out, int64_t n, uint64_t seed, uint64_t bloc
 
 namespace {
 
-// The last-level cache in bytes (sysconf; 1 MiB when the system does not say).
+// The last-level cache in bytes (glibc's sysconf; 1 MiB when the system does not say).
 int64_t last_level_cache_bytes() {
   static const int64_t bytes = [] {
+#if defined(_SC_LEVEL3_CACHE_SIZE) && defined(_SC_LEVEL2_CACHE_SIZE)
     for (const int name : {_SC_LEVEL3_CACHE_SIZE, _SC_LEVEL2_CACHE_SIZE}) {
       const long v = sysconf(name);
       if (v > 0) return static_cast<int64_t>(v);
     }
+#endif
     return static_cast<int64_t>(1) << 20;
   }();
   return bytes;
