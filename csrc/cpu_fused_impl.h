@@ -1,4 +1,5 @@
-// The CPU fused DeMem step, written once with at::vec::Vectorized and compiled twice:
+// The CPU fused DeMem step and the Philox normals, written once (at::vec::Vectorized; AVX2
+// intrinsics where ATen has no fast equivalent) and compiled twice:
 // cpu_kernels.cpp (the default build flags) and cpu_kernels_avx2.cpp (AVX2/FMA/F16C, chosen at run
 // time on CPUs that have them). The includer defines DEMEM_FUSED_ENTRY and DEMEM_NORMALS_ENTRY, the
 // names of the two entry points (the fused step; Philox normals of a column range).
@@ -7,7 +8,8 @@
 // runnable threads than cores makes every barrier expensive):
 //
 // "rows" (a group of rows and an accumulator [P] fit in this thread's share of the cache, see
-//   cpu_cache_budget; B >= threads): the rows are split into one contiguous range per thread. A
+//   cpu_cache_budget, and re-reading them from cache beats a second pass over memory; B >= threads):
+//   the rows are split into one contiguous range per thread. A
 //   thread takes its rows in small groups: the norms of the group (float64 sums of squares; the rows
 //   are now in cache), their clip factors and coefficients (the weights are known beforehand), then
 //   one sweep acc += Σ_r coeff_r·g_r into its own accumulator [P] while the rows are still in cache.
