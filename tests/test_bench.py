@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import pathlib
+import platform
+import shutil
+import subprocess
 import sys
 
 import pytest
@@ -163,3 +167,24 @@ def test_demem_bench_quick_prints_both_tables(tmp_path, capsys) -> None:
     data = json.loads(path.read_text())
     assert len(data["fused"]["rows"]) == len(fused.default_cases(CPU, quick=True))
     assert [t["model"] for t in data["training"]] == ["cnn"]
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64") or shutil.which("g++") is None,
+                    reason="benchmarks/cpu_probe.cpp is x86-64 AVX2 code built with g++")
+def test_cpu_probe_builds_and_runs(tmp_path) -> None:
+    """The probes behind docs/benchmarks.md keep building (with the command in their header) and running."""
+    root = pathlib.Path(__file__).resolve().parent.parent
+    torch_dir = pathlib.Path(torch.__file__).parent
+    exe = tmp_path / "cpu_probe"
+    build = subprocess.run(["g++", "-O3", "-mavx2", "-mfma", f"-I{torch_dir / 'include'}",
+                            str(root / "benchmarks" / "cpu_probe.cpp"), f"-L{torch_dir / 'lib'}", "-ltorch_cpu",
+                            "-lc10", f"-Wl,-rpath,{torch_dir / 'lib'}", "-o", str(exe)],
+                           capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stderr[-2000:]
+    if not torch.backends.cpu.get_cpu_capability().startswith("AVX"):
+        pytest.skip("this CPU has no AVX2: built, not run")
+    for args, expect in ((["cache", "65536"], "ms per row"), (["stream", "8", "65536"], "norm pass"),
+                         (["normals"], "ns per normal")):
+        run = subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0 and expect in run.stdout, run.stderr
+    assert subprocess.run([str(exe)], capture_output=True, text=True).returncode == 2  # usage
