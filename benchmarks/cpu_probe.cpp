@@ -6,11 +6,10 @@
 //       -Wl,-rpath,$T/lib -o /tmp/cpu_probe
 //   /tmp/cpu_probe stream 64 1000000   # passes over G [B, P] from memory (cache flushed before each)
 //   /tmp/cpu_probe cache 1000000       # acc += c·row with the row and acc already in cache
-//   /tmp/cpu_probe normals             # ns per normal: Philox, + log, + sincos (8 blocks at a time)
+//   /tmp/cpu_probe normals             # ns per normal: Philox, + Box-Muller (8 blocks at a time)
 //
 // Each line is the median of 7 runs. GB/s counts the bytes of G read once (B·P·4).
 #include <immintrin.h>
-#include <sleef.h>
 
 #include <algorithm>
 #include <chrono>
@@ -20,6 +19,8 @@
 #include <cstring>
 #include <string>
 #include <vector>
+
+#include "../csrc/philox_avx2.h"
 
 namespace {
 
@@ -151,74 +152,21 @@ void cache(int64_t P) {
   std::printf("  acc += sum of 4 rows (%.1f MB): %.3f ms per row\n", 20.0 * P / 1e6, t4 * 1e3 / 4);
 }
 
-// Philox4x32-10 of 8 counter blocks at once (lanes = blocks), as csrc/cpu_fused_impl.h.
-inline __m256i mulhilo8(__m256i m, __m256i x, __m256i& lo) {
-  const __m256i even = _mm256_mul_epu32(x, m), odd = _mm256_mul_epu32(_mm256_srli_epi64(x, 32), m);
-  lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
-  return _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
-}
-inline __m256 uniform8(__m256i x) {
-  const __m256 hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(x, 16));
-  const __m256 lo = _mm256_cvtepi32_ps(_mm256_and_si256(x, _mm256_set1_epi32(0xFFFF)));
-  const __m256 f = _mm256_add_ps(_mm256_mul_ps(hi, _mm256_set1_ps(65536.0f)), lo);
-  return _mm256_add_ps(_mm256_mul_ps(f, _mm256_set1_ps(2.3283064365386962890625e-10f)),
-                       _mm256_set1_ps(1.16415321826934814453125e-10f));
-}
-template <int STAGE>  // 0: Philox only; 1: + log and sqrt; 2: + sincos (the whole Box–Muller)
-void normals32(uint64_t block0, uint64_t seed, float* out) {
-  alignas(32) uint32_t c0[8], c1[8];
-  for (int b = 0; b < 8; ++b) {
-    c0[b] = static_cast<uint32_t>(block0 + b);
-    c1[b] = static_cast<uint32_t>((block0 + b) >> 32);
-  }
-  __m256i x0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(c0));
-  __m256i x1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(c1));
-  __m256i x2 = _mm256_setzero_si256(), x3 = x2;
-  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-  const __m256i m0 = _mm256_set1_epi32(static_cast<int>(0xD2511F53u)), m1 = _mm256_set1_epi32(static_cast<int>(0xCD9E8D57u));
-  for (int round = 0; round < 10; ++round) {
-    __m256i lo0, lo1;
-    const __m256i hi0 = mulhilo8(m0, x0, lo0), hi1 = mulhilo8(m1, x2, lo1);
-    x0 = _mm256_xor_si256(_mm256_xor_si256(hi1, x1), _mm256_set1_epi32(static_cast<int>(k0)));
-    x2 = _mm256_xor_si256(_mm256_xor_si256(hi0, x3), _mm256_set1_epi32(static_cast<int>(k1)));
-    x1 = lo1;
-    x3 = lo0;
-    k0 += 0x9E3779B9u;
-    k1 += 0xBB67AE85u;
-  }
-  __m256 z0 = uniform8(x0), z1 = uniform8(x1), z2 = uniform8(x2), z3 = uniform8(x3);
-  if constexpr (STAGE >= 1) {
-    z0 = _mm256_sqrt_ps(_mm256_mul_ps(_mm256_set1_ps(-2.0f), Sleef_logf8_u10avx2(z0)));
-    z2 = _mm256_sqrt_ps(_mm256_mul_ps(_mm256_set1_ps(-2.0f), Sleef_logf8_u10avx2(z2)));
-  }
-  if constexpr (STAGE >= 2) {
-    const Sleef___m256_2 a = Sleef_sincosf8_u10avx2(_mm256_mul_ps(_mm256_set1_ps(6.283185307179586f), z1));
-    const Sleef___m256_2 b = Sleef_sincosf8_u10avx2(_mm256_mul_ps(_mm256_set1_ps(6.283185307179586f), z3));
-    z1 = _mm256_mul_ps(z0, a.x);
-    z0 = _mm256_mul_ps(z0, a.y);
-    z3 = _mm256_mul_ps(z2, b.x);
-    z2 = _mm256_mul_ps(z2, b.y);
-  }
-  _mm256_storeu_ps(out, z0);
-  _mm256_storeu_ps(out + 8, z1);
-  _mm256_storeu_ps(out + 16, z2);
-  _mm256_storeu_ps(out + 24, z3);
-}
-
 void normals() {
   std::vector<float> out(1 << 20);
-  const char* names[3] = {"Philox4x32-10 (8 blocks per AVX2 vector)", "+ log and sqrt", "+ sincos (all of Box-Muller)"};
-  std::printf("%zu normals, one thread\n", out.size());
-  for (int stage = 0; stage < 3; ++stage) {
-    const double t = median_seconds([&] {
-      for (size_t j = 0; j < out.size(); j += 32) {
-        if (stage == 0) normals32<0>(j / 4, 7, &out[j]);
-        if (stage == 1) normals32<1>(j / 4, 7, &out[j]);
-        if (stage == 2) normals32<2>(j / 4, 7, &out[j]);
-      }
-    }, false);
-    std::printf("  %-44s %.2f ns per normal\n", names[stage], t / out.size() * 1e9);
-  }
+  std::printf("%zu normals, one thread (csrc/philox_avx2.h)\n", out.size());
+  const double philox = median_seconds([&] {
+    for (size_t j = 0; j < out.size(); j += 32) {
+      __m256i x[4];
+      demem::philox8(j / 4, 7, x);
+      for (int l = 0; l < 4; ++l) _mm256_storeu_si256(reinterpret_cast<__m256i*>(&out[j + 8 * l]), x[l]);
+    }
+  }, false);
+  const double normal = median_seconds([&] {
+    for (size_t j = 0; j < out.size(); j += 32) demem::philox_normal32(j / 4, 7, &out[j]);
+  }, false);
+  std::printf("  %-44s %.2f ns per normal\n", "Philox4x32-10 (8 blocks per AVX2 vector)", philox / out.size() * 1e9);
+  std::printf("  %-44s %.2f ns per normal\n", "+ Box-Muller (SLEEF log, sincos)", normal / out.size() * 1e9);
 }
 
 }  // namespace

@@ -9,8 +9,7 @@
 //
 // "rows" (a group of rows and an accumulator [P] fit in this thread's share of the cache, see
 //   cpu_cache_budget, and re-reading them from cache beats a second pass over memory; B >= threads):
-//   the rows are split into one contiguous range per thread. A
-//   thread takes its rows in small groups: the norms of the group (float64 sums of squares; the rows
+//   the rows are split into one contiguous range per thread. A thread takes its rows in small groups: the norms of the group (float64 sums of squares; the rows
 //   are now in cache), their clip factors and coefficients (the weights are known beforehand), then
 //   one sweep acc += Σ_r coeff_r·g_r into its own accumulator [P] while the rows are still in cache.
 //   G is read from memory once. Region 2 adds the per-thread accumulators in thread order, the
@@ -53,6 +52,8 @@
 
 #if defined(CPU_CAPABILITY_AVX2)
 #include <immintrin.h>
+
+#include "philox_avx2.h"
 #endif
 
 namespace demem {
@@ -149,6 +150,7 @@ struct NoisePlan {
         per_item(32 * std::max(divup(sweep_len, kDrawSpacing), divup(divup(P, std::max<int64_t>(1, items)), 32))),
         seed(seed_),
         offset(offset_) {}
+  const float* column(int64_t col0) const { return z == nullptr ? nullptr : z + col0; }
   NoiseSlice slice(int64_t item) const {
     if (z == nullptr) return {};
     const int64_t lo = std::min(total, item * per_item), hi = std::min(total, lo + per_item);
@@ -283,70 +285,6 @@ inline acc_t row_coefficient(const FusedCpuArgs& a, int64_t i, double sum_sq) {
   return cf;
 }
 
-#if defined(CPU_CAPABILITY_AVX2)
-// hi and lo 32 bits of m·x in each of the eight 32-bit lanes (m broadcast).
-inline __m256i mulhilo8(__m256i m, __m256i x, __m256i& lo) {
-  const __m256i even = _mm256_mul_epu32(x, m);                        // lanes 0, 2, 4, 6 (64-bit products)
-  const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(x, 32), m);  // lanes 1, 3, 5, 7
-  lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
-  return _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
-}
-
-// The Philox uniform of each lane: float32(x)·2⁻³² + 2⁻³³, float32(x) rounded once as the scalar cast
-// (the two 16-bit halves convert exactly; their sum rounds once).
-inline __m256 uniform8(__m256i x) {
-  const __m256 hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(x, 16));
-  const __m256 lo = _mm256_cvtepi32_ps(_mm256_and_si256(x, _mm256_set1_epi32(0xFFFF)));
-  const __m256 f = _mm256_add_ps(_mm256_mul_ps(hi, _mm256_set1_ps(65536.0f)), lo);
-  return _mm256_add_ps(_mm256_mul_ps(f, _mm256_set1_ps(2.3283064365386962890625e-10f)),
-                       _mm256_set1_ps(1.16415321826934814453125e-10f));
-}
-
-// The 32 normals of Philox blocks block0 .. block0 + 7, in stream order (block-major, lane-minor).
-inline void philox_normal32(uint64_t block0, uint64_t seed, float* out) {
-  alignas(32) uint32_t c0[8], c1[8];
-  for (int b = 0; b < 8; ++b) {
-    const uint64_t block = block0 + static_cast<uint64_t>(b);
-    c0[b] = static_cast<uint32_t>(block);
-    c1[b] = static_cast<uint32_t>(block >> 32);
-  }
-  __m256i x0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(c0));
-  __m256i x1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(c1));
-  __m256i x2 = _mm256_setzero_si256(), x3 = _mm256_setzero_si256();
-  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-  const __m256i m0 = _mm256_set1_epi32(static_cast<int>(kPhiloxM0));
-  const __m256i m1 = _mm256_set1_epi32(static_cast<int>(kPhiloxM1));
-  for (int round = 0; round < 10; ++round) {
-    __m256i lo0, lo1;
-    const __m256i hi0 = mulhilo8(m0, x0, lo0);
-    const __m256i hi1 = mulhilo8(m1, x2, lo1);
-    x0 = _mm256_xor_si256(_mm256_xor_si256(hi1, x1), _mm256_set1_epi32(static_cast<int>(k0)));
-    x2 = _mm256_xor_si256(_mm256_xor_si256(hi0, x3), _mm256_set1_epi32(static_cast<int>(k1)));
-    x1 = lo1;
-    x3 = lo0;
-    k0 += kPhiloxW0;
-    k1 += kPhiloxW1;
-  }
-  // Box–Muller on lane pairs (0, 1) and (2, 3), as philox_normal4.
-  const __m256 minus_two = _mm256_set1_ps(-2.0f), two_pi = _mm256_set1_ps(6.283185307179586f);
-  const __m256 r01 = _mm256_sqrt_ps(_mm256_mul_ps(minus_two, Sleef_logf8_u10avx2(uniform8(x0))));
-  const __m256 r23 = _mm256_sqrt_ps(_mm256_mul_ps(minus_two, Sleef_logf8_u10avx2(uniform8(x2))));
-  const Sleef___m256_2 sc01 = Sleef_sincosf8_u10avx2(_mm256_mul_ps(two_pi, uniform8(x1)));
-  const Sleef___m256_2 sc23 = Sleef_sincosf8_u10avx2(_mm256_mul_ps(two_pi, uniform8(x3)));
-  const __m256 z0 = _mm256_mul_ps(r01, sc01.y), z1 = _mm256_mul_ps(r01, sc01.x);
-  const __m256 z2 = _mm256_mul_ps(r23, sc23.y), z3 = _mm256_mul_ps(r23, sc23.x);
-  // Transpose lanes × blocks into block-major order.
-  const __m256 t0 = _mm256_unpacklo_ps(z0, z1), t1 = _mm256_unpackhi_ps(z0, z1);  // blocks 0,1 | 4,5 ; 2,3 | 6,7
-  const __m256 t2 = _mm256_unpacklo_ps(z2, z3), t3 = _mm256_unpackhi_ps(z2, z3);
-  const __m256 b04 = _mm256_shuffle_ps(t0, t2, 0x44), b15 = _mm256_shuffle_ps(t0, t2, 0xEE);
-  const __m256 b26 = _mm256_shuffle_ps(t1, t3, 0x44), b37 = _mm256_shuffle_ps(t1, t3, 0xEE);
-  _mm256_storeu_ps(out, _mm256_permute2f128_ps(b04, b15, 0x20));
-  _mm256_storeu_ps(out + 8, _mm256_permute2f128_ps(b26, b37, 0x20));
-  _mm256_storeu_ps(out + 16, _mm256_permute2f128_ps(b04, b15, 0x31));
-  _mm256_storeu_ps(out + 24, _mm256_permute2f128_ps(b26, b37, 0x31));
-}
-#endif
-
 template <typename scalar_t>
 void fused_rows_schedule(const FusedCpuArgs& a, int64_t parts, int64_t group, int64_t threads) {
   using acc_t = acc_type_t<scalar_t>;
@@ -389,7 +327,7 @@ void fused_rows_schedule(const FusedCpuArgs& a, int64_t parts, int64_t group, in
         const acc_t* src = accumulator(p) + col0;
         for (int64_t i = 0; i < n; ++i) out[i] += src[i];
       }
-      finish_columns(out, n, noise.z == nullptr ? nullptr : noise.z + col0, a.noise_std, a.denom);
+      finish_columns(out, n, noise.column(col0), a.noise_std, a.denom);
     }
   });
 }
@@ -427,7 +365,7 @@ void fused_columns_schedule(const FusedCpuArgs& a, int64_t threads) {
     for (int64_t c = begin; c < end; ++c) {
       const int64_t col0 = c * kChunk, n = std::min(kChunk, P - col0);
       accumulate_rows<scalar_t>(grad + col0, G + col0, P, n, cf.data(), B, true);
-      finish_columns(grad + col0, n, noise.z == nullptr ? nullptr : noise.z + col0, a.noise_std, a.denom);
+      finish_columns(grad + col0, n, noise.column(col0), a.noise_std, a.denom);
     }
   });
 }
