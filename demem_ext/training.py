@@ -262,17 +262,17 @@ def _train_batch(state: TrainState, x: torch.Tensor, y: torch.Tensor, idx: torch
             return objective.per_sample_loss(m, xb, xab, yb)
 
         dm.backward_per_sample(loss_fn, x, x_adv, y, indices=idx)
-        with torch.no_grad():
-            losses = objective.per_sample_loss(model, x, x_adv, y)
+        with torch.no_grad():  # the logged loss and accuracy (per-sample gradients give neither logits)
+            losses, logits = objective.loss_and_logits(model, x, x_adv, y)
     else:
-        losses = objective.per_sample_loss(train_model, x, x_adv, y)
+        losses, logits = objective.loss_and_logits(train_model, x, x_adv, y)
         if dm is not None:
             dm.backward(losses, indices=idx)
         else:
             losses.mean().backward()
     state.optimizer.step()
-    with torch.no_grad():
-        correct = (model(x_adv).argmax(1) == y).float().sum().item()
+    # accuracy on the trained-on inputs, from the logits of this step's forward (before the update)
+    correct = (logits.detach().argmax(1) == y).float().sum().item()
     out = {"loss": float(losses.detach().mean()), "correct": correct, "count": float(len(y))}
     if dm is not None and dm.stats is not None:
         out["high_risk"] = dm.stats.high_risk_fraction

@@ -106,6 +106,18 @@ def test_plain_and_pgdat_losses(model, batch):
     assert torch.equal(PlainObjective().adversarial(model, x, y), x)
 
 
+@pytest.mark.parametrize("objective", ALL, ids=lambda o: o.name)
+def test_loss_and_logits(model, batch, objective):
+    """The losses of per_sample_loss and the logits on the trained-on input, from the same forward."""
+    x, y = batch
+    x_adv = (x + 0.05).clamp(0, 1)
+    losses, logits = objective.loss_and_logits(model, x, x_adv, y)
+    torch.testing.assert_close(losses, objective.per_sample_loss(model, x, x_adv, y))
+    trained_on = x if isinstance(objective, PlainObjective) else x_adv
+    torch.testing.assert_close(logits, model(trained_on))
+    assert logits.requires_grad
+
+
 @pytest.mark.parametrize("objective", ALL[1:], ids=lambda o: o.name)
 def test_attacks_stay_in_budget_and_restore_mode(model, batch, objective):
     x, y = batch

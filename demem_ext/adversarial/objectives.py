@@ -1,7 +1,9 @@
 """Adversarial-training objectives with per-sample losses: plain, PGD-AT, TRADES, MART.
 
 ``adversarial(model, x, y)`` runs the objective's attack (eval mode, no parameter gradients);
-``per_sample_loss(model, x, x_adv, y)`` returns one loss per sample, shape ``[B]``. The losses use
+``per_sample_loss(model, x, x_adv, y)`` returns one loss per sample, shape ``[B]``, and
+``loss_and_logits`` the same losses with the logits on the trained-on input (a training loop logs
+its accuracy from them without another forward pass). The losses use
 only out-of-place tensor operations without data-dependent Python control flow, so they also work
 for a single sample under ``torch.func.vmap(torch.func.grad(...))``.
 """
@@ -55,8 +57,12 @@ class Objective(ABC):
         """The (detached) inputs the loss is trained on."""
 
     @abstractmethod
+    def loss_and_logits(self, model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-sample training loss ``[B]`` and the logits ``[B, K]`` on ``x_adv`` (``x`` when untargeted)."""
+
     def per_sample_loss(self, model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor) -> Tensor:
         """Per-sample training loss ``[B]``."""
+        return self.loss_and_logits(model, x, x_adv, y)[0]
 
 
 @dataclass(frozen=True)
@@ -69,9 +75,10 @@ class PlainObjective(Objective):
         """No attack: returns ``x`` (detached)."""
         return x.detach()
 
-    def per_sample_loss(self, model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor) -> Tensor:
-        """CE(f(x), y); ``x_adv`` is ignored."""
-        return F.cross_entropy(model(x), y, reduction="none")
+    def loss_and_logits(self, model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """CE(f(x), y) and f(x); ``x_adv`` is ignored."""
+        logits = model(x)
+        return F.cross_entropy(logits, y, reduction="none"), logits
 
 
 @dataclass(frozen=True)
@@ -84,9 +91,10 @@ class PGDAT(Objective):
         """PGD with a uniform random start, maximising cross-entropy."""
         return pgd(model, x, y, self.eps, self.alpha, self.steps, norm=self.norm, clamp=self.clamp)
 
-    def per_sample_loss(self, model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor) -> Tensor:
-        """CE(f(x_adv), y)."""
-        return F.cross_entropy(model(x_adv), y, reduction="none")
+    def loss_and_logits(self, model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """CE(f(x_adv), y) and f(x_adv)."""
+        logits = model(x_adv)
+        return F.cross_entropy(logits, y, reduction="none"), logits
 
 
 @dataclass(frozen=True)
@@ -115,12 +123,13 @@ class TRADES(_BetaObjective):
         return pgd(model, x, log_p_nat, self.eps, self.alpha, self.steps, norm=self.norm,
                    clamp=self.clamp, loss_fn=_kl_from_logits, start=self._start(x))
 
-    def per_sample_loss(self, model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor) -> Tensor:
-        """CE(f(x), y) + beta * KL(softmax f(x) || softmax f(x_adv))."""
-        logits_nat = model(x)
+    def loss_and_logits(self, model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """CE(f(x), y) + beta * KL(softmax f(x) || softmax f(x_adv)), and f(x_adv)."""
+        logits_nat, logits_adv = model(x), model(x_adv)
         log_p_nat = F.log_softmax(logits_nat, dim=1)
-        log_p_adv = F.log_softmax(model(x_adv), dim=1)
-        return F.cross_entropy(logits_nat, y, reduction="none") + self.beta * _kl(log_p_nat, log_p_adv)
+        log_p_adv = F.log_softmax(logits_adv, dim=1)
+        loss = F.cross_entropy(logits_nat, y, reduction="none") + self.beta * _kl(log_p_nat, log_p_adv)
+        return loss, logits_adv
 
 
 @dataclass(frozen=True)
@@ -134,10 +143,12 @@ class MART(_BetaObjective):
         return pgd(model, x, y, self.eps, self.alpha, self.steps, norm=self.norm,
                    clamp=self.clamp, start=self._start(x))
 
-    def per_sample_loss(self, model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor) -> Tensor:
-        """-log p_adv[y] - log(1 - max_{k != y} p_adv[k]) + beta * KL(p_nat || p_adv) * (1 - p_nat[y])."""
-        log_p_nat = F.log_softmax(model(x), dim=1)
-        log_p_adv = F.log_softmax(model(x_adv), dim=1)
+    def loss_and_logits(self, model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """-log p_adv[y] - log(1 - max_{k != y} p_adv[k]) + beta * KL(p_nat || p_adv) * (1 - p_nat[y]),
+        and f(x_adv)."""
+        logits_nat, logits_adv = model(x), model(x_adv)
+        log_p_nat = F.log_softmax(logits_nat, dim=1)
+        log_p_adv = F.log_softmax(logits_adv, dim=1)
         is_true = _true_class_mask(y, log_p_adv.shape[1])
         ce_adv = -(log_p_adv * is_true).sum(dim=1)
         # log(1 - p_j) for j = argmax_{k != y} p_k, as logsumexp over the other classes (stable).
@@ -146,7 +157,7 @@ class MART(_BetaObjective):
         log_not_runner_up = torch.logsumexp(log_p_adv.masked_fill(is_runner_up, float("-inf")), dim=1)
         p_nat_true = (log_p_nat.exp() * is_true).sum(dim=1)
         kl = _kl(log_p_nat, log_p_adv)
-        return ce_adv - log_not_runner_up + self.beta * kl * (1.0 - p_nat_true)
+        return ce_adv - log_not_runner_up + self.beta * kl * (1.0 - p_nat_true), logits_adv
 
 
 OBJECTIVES: dict[str, type[Objective]] = {
