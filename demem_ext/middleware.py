@@ -385,8 +385,9 @@ class DeMem:
         loss_fn(model, *batch) -> per-sample losses [B]; each batch tensor has B rows.
         `.grad` is left alone until the step, which adds noise, divides by D and replaces `.grad`.
         With nonfinite="skip", samples with non-finite losses are dropped before the threshold; so
-        are samples with non-finite gradients when the batch fits in one chunk (with several chunks
-        the batch threshold is fixed first, and such samples are only dropped from the sum).
+        are samples with non-finite gradients when the batch fits in one chunk of one process (with
+        several chunks or under torch.distributed the batch threshold is fixed first, and such samples
+        are only dropped from the sum).
         """
         self._check_active("backward_per_sample")
         self._check_path("per_sample")
@@ -566,15 +567,19 @@ class DeMem:
                    idx: Optional[torch.Tensor]) -> _BatchSum:
         """The batch in one chunk: scores are the per-sample losses from grad_and_value."""
         grads, losses = grads_of(batch)
-        if self._world > 1:
-            return self._one_chunk_global(grads, losses, idx)
-        keep = self._keep(torch.isfinite(losses), "loss_fn returned non-finite losses")
-        if not bool(keep.any()):
-            return _BatchSum(None, [], keep, losses)
+        problem = "loss_fn returned non-finite losses"
+        # under torch.distributed every rank takes part in τ (a collective), even with no sample kept
+        keep = torch.isfinite(losses) if self._world > 1 else self._keep(torch.isfinite(losses), problem)
         positions = keep.nonzero().flatten()
+        if positions.numel() == 0 and self._world == 1:
+            return _BatchSum(None, [], keep, losses)
         scores = self._scores(losses[keep], None if idx is None else idx[positions.cpu()])
-        result, ok = self._sum_finite_rows(grads if bool(keep.all()) else grads[keep], scores, self._sum_config,
-                                           positions)
+        config = self._sum_config
+        if self._world > 1:  # τ of all ranks' scores; rows with non-finite gradients leave the sum only
+            config, _ = self._global_rule(config, scores, keep, problem)
+        if positions.numel() == 0:
+            return _BatchSum(None, [], keep, losses)
+        result, ok = self._sum_finite_rows(grads if bool(keep.all()) else grads[keep], scores, config, positions)
         keep[positions[~ok]] = False
         return _BatchSum(None if result is None else result.grad, [] if result is None else [result], keep, losses)
 
@@ -594,18 +599,6 @@ class DeMem:
         if not bool(ok.any()):
             return None, ok
         return functional.fused_step(grads[ok], scores[ok], config), ok
-
-    def _one_chunk_global(self, grads: torch.Tensor, losses: torch.Tensor,
-                          idx: Optional[torch.Tensor]) -> _BatchSum:
-        """`_one_chunk` under torch.distributed: τ from all ranks' scores (every rank takes part)."""
-        keep = torch.isfinite(losses) & torch.isfinite(grads).all(dim=1)
-        scores = self._scores(losses[keep], None if idx is None else idx[keep.cpu()])
-        rule, _ = self._global_rule(self._sum_config, scores, keep,
-                                    "loss_fn returned non-finite losses or gradients")
-        if not bool(keep.any()):
-            return _BatchSum(None, [], keep, losses)
-        result = functional.fused_step(grads if bool(keep.all()) else grads[keep], scores, rule)
-        return _BatchSum(result.grad, [result], keep, losses)
 
     def _chunks(self, loss_module: LossModule, grads_of: GradsOf, batch: Sequence[torch.Tensor],
                 idx: Optional[torch.Tensor], rows: int) -> _BatchSum:

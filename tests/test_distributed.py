@@ -66,8 +66,8 @@ def _loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ok: torch.Tenso
     return F.cross_entropy(model(x), y, reduction="none") + torch.log(ok)
 
 
-def _ok(bad: bool) -> torch.Tensor:
-    """1 per dataset sample; with bad=True 0 for rank 0's whole share of the first batch ('shifting')."""
+def _ok(bad: str) -> torch.Tensor:
+    """1 per dataset sample; with bad set, 0 for rank 0's whole share of the first batch ('shifting')."""
     ok = torch.ones(DATASET, dtype=torch.float64)
     if bad:
         ok[_batches()[0][_share(0, 0, "shifting")]] = 0.0
@@ -75,8 +75,12 @@ def _ok(bad: bool) -> torch.Tensor:
 
 
 def _train(demem: dict, path: str, split: str, rank: Optional[int] = None,
-           wrap: Callable[[nn.Module], nn.Module] = lambda m: m, bad: bool = False) -> dict[str, Any]:
-    """STEPS optimizer steps of DeMem on the batches (this rank's share of each, or all of it)."""
+           wrap: Callable[[nn.Module], nn.Module] = lambda m: m, bad: str = "") -> dict[str, Any]:
+    """STEPS optimizer steps of DeMem on the batches (this rank's share of each, or all of it).
+
+    bad: "" (all finite), "loss" (where _ok is 0: a -inf loss) or "grad" (there: a finite loss whose
+    gradient is not finite; per-sample path only).
+    """
     model = _model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
     trained = wrap(model)
@@ -90,7 +94,8 @@ def _train(demem: dict, path: str, split: str, rank: Optional[int] = None,
             if path == "weighting":
                 dm.backward(_loss_fn(trained, x[idx], y[idx], ok[idx]), indices=idx)
             else:
-                dm.backward_per_sample(_loss_fn, x[idx], y[idx], ok[idx], indices=idx)
+                loss_fn = _bad_gradient_loss_fn if bad == "grad" else _loss_fn
+                dm.backward_per_sample(loss_fn, x[idx], y[idx], ok[idx], indices=idx)
             optimizer.step()
     state = dm.state_dict()
     return {"params": [p.detach().clone() for p in model.parameters()], "trace": state["trace"],
@@ -102,7 +107,7 @@ def _ddp(model: nn.Module) -> nn.Module:
     return DistributedDataParallel(model)
 
 
-def _train_scenario(rank: int, demem: dict, path: str, split: str, bad: bool = False) -> dict[str, Any]:
+def _train_scenario(rank: int, demem: dict, path: str, split: str, bad: str = "") -> dict[str, Any]:
     return _train(demem, path, split, rank=rank, wrap=_ddp, bad=bad)
 
 
@@ -153,9 +158,14 @@ class _NonFiniteGrad(torch.autograd.Function):
         return grad / flag.unsqueeze(-1), None
 
 
-def _nonfinite_grad_scenario(rank: int) -> str:
-    """Chunked per-sample path, rank 1 has a sample with a non-finite gradient only: every rank
-    raises at the step (the error is found after the batch threshold was shared)."""
+def _bad_gradient_loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy whose gradient is not finite where ok is 0 (the loss is)."""
+    return F.cross_entropy(_NonFiniteGrad.apply(model(x), ok), y, reduction="none")
+
+
+def _nonfinite_grad_scenario(rank: int, chunk_size: Optional[int]) -> str:
+    """Per-sample path, rank 1 has a sample with a non-finite gradient only: every rank raises at the
+    step (the error is found after the batch threshold was shared), in chunks or in one."""
     model = _ddp(_model())
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     x, y = _data()
@@ -164,7 +174,7 @@ def _nonfinite_grad_scenario(rank: int) -> str:
     def loss_fn(m: nn.Module, xb: torch.Tensor, yb: torch.Tensor, fb: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(_NonFiniteGrad.apply(m(xb), fb), yb, reduction="none")
 
-    with dx.DeMem(model, optimizer, max_grad_norm=1.0, chunk_size=2) as dm:
+    with dx.DeMem(model, optimizer, max_grad_norm=1.0, chunk_size=chunk_size) as dm:
         dm.backward_per_sample(loss_fn, x[:4], y[:4], flag)
         try:
             optimizer.step()
@@ -205,13 +215,16 @@ CASES: dict[str, tuple[str, dict]] = {  # all run in one pair of processes (star
     "trace-weighting": ("train", {"demem": TRACE, "path": "weighting", "split": "shifting"}),
     "trace-per_sample": ("train", {"demem": TRACE, "path": "per_sample", "split": "shifting"}),
     "skip-weighting": ("train", {"demem": {"lam": 0.8, "nonfinite": "skip"}, "path": "weighting",
-                                 "split": "shifting", "bad": True}),
+                                 "split": "shifting", "bad": "loss"}),
     "skip-per_sample": ("train", {"demem": {**PER_SAMPLE, "nonfinite": "skip"}, "path": "per_sample",
-                                  "split": "shifting", "bad": True}),
+                                  "split": "shifting", "bad": "loss"}),
+    "skip-per_sample-gradient": ("train", {"demem": {**PER_SAMPLE, "nonfinite": "skip"}, "path": "per_sample",
+                                           "split": "shifting", "bad": "grad"}),
     "mismatch": ("refusal", {"demem_by_rank": [{"lam": 0.5}, {"lam": 1.0}], "wrap": True}),
     "no-ddp": ("refusal", {"demem_by_rank": [{}, {}], "wrap": False}),
     "nonfinite": ("nonfinite", {}),
-    "nonfinite-grad-chunked": ("nonfinite_grad", {}),
+    "nonfinite-grad-chunked": ("nonfinite_grad", {"chunk_size": 2}),
+    "nonfinite-grad-one-chunk": ("nonfinite_grad", {"chunk_size": None}),
     "batch_size": ("batch_size", {}),
 }
 
@@ -267,7 +280,7 @@ def _assert_same_as_one_process(ranks: dict[str, list[Any]], case: str) -> list[
     results = _results(ranks, case)
     kwargs = CASES[case][1]
     demem = {k: v for k, v in kwargs["demem"].items() if k != "chunk_size"}
-    single = _train(demem, kwargs["path"], "all", bad=kwargs.get("bad", False))
+    single = _train(demem, kwargs["path"], "all", bad=kwargs.get("bad", ""))
     for r, result in enumerate(results):
         for got, want in zip(result["params"], single["params"]):
             torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, msg=f"rank {r} parameters")
@@ -309,14 +322,17 @@ def test_trace_proxy_equals_one_process(ranks: dict, case: str) -> None:
     assert int(results[0]["trace"].ne(0).sum()) > BATCH  # several batches' samples are in the trace
 
 
-@pytest.mark.parametrize("case", ["skip-weighting", "skip-per_sample"])
+@pytest.mark.parametrize("case", ["skip-weighting", "skip-per_sample", "skip-per_sample-gradient"])
 def test_rank_without_finite_samples_still_takes_part(ranks: dict, case: str) -> None:
-    """nonfinite="skip" drops all of rank 0's first share: it contributes nothing but does not block."""
+    """nonfinite="skip" drops all of rank 0's first share: it contributes nothing but does not block.
+    With non-finite gradients (finite losses) they count in the batch threshold and leave the sum only,
+    in one process (chunks of 8) as on the ranks (one chunk each, or two)."""
     _assert_same_as_one_process(ranks, case)
 
 
-def test_nonfinite_gradient_on_one_rank_stops_every_rank_at_the_step(ranks: dict) -> None:
-    messages = _results(ranks, "nonfinite-grad-chunked")
+@pytest.mark.parametrize("case", ["nonfinite-grad-chunked", "nonfinite-grad-one-chunk"])
+def test_nonfinite_gradient_on_one_rank_stops_every_rank_at_the_step(ranks: dict, case: str) -> None:
+    messages = _results(ranks, case)
     assert "non-finite per-sample gradients for samples at batch positions [2]" in messages[1]
     assert "non-finite per-sample gradients on 1 other rank(s)" in messages[0]
     assert all("every rank stops at the step" in m for m in messages)
