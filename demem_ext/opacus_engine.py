@@ -17,7 +17,45 @@ from typing import Iterator, Optional, Sequence
 import torch
 from torch import nn
 
-from demem_ext.per_sample import FlatBuffer, flatten_into
+from demem_ext.per_sample import FlatBuffer
+
+
+class _Sink:
+    """Columns of a [B, P] matrix, one block per parameter, that per-sample gradients are moved into
+    as soon as Opacus has computed a layer's (so that only one layer's stay allocated)."""
+
+    def __init__(self, params: Sequence[nn.Parameter], flat: torch.Tensor) -> None:
+        self.flat = flat
+        self.columns: dict[int, torch.Tensor] = {}
+        start = 0
+        for p in params:
+            self.columns[id(p)] = flat[:, start:start + p.numel()]
+            start += p.numel()
+        self.filled: set[int] = set()
+
+    def take(self, p: nn.Parameter) -> None:
+        """Move p.grad_sample (the latest, when Opacus kept a list) into p's columns."""
+        sample = p.grad_sample
+        if isinstance(sample, list):  # earlier train-mode passes since the last call: ours is last
+            sample = sample[-1]
+        rows = self.flat.shape[0]
+        if sample.shape[0] != rows:
+            raise ValueError(f"Opacus recorded per-sample gradients for {sample.shape[0]} samples but "
+                             f"per_sample_losses has {rows}: compute the losses from one train-mode "
+                             "forward of the model on the batch")
+        columns = self.columns[id(p)]
+        if id(p) in self.filled:  # a parameter shared by several layers
+            columns.add_(sample.reshape(rows, -1))
+        else:
+            columns.copy_(sample.reshape(rows, -1))
+            self.filled.add(id(p))
+        p.grad_sample = None
+
+    def zero_unfilled(self, params: Sequence[nn.Parameter]) -> None:
+        """Zeros for the parameters these losses do not reach."""
+        for p in params:
+            if id(p) not in self.filled:
+                self.columns[id(p)].zero_()
 
 
 def _hooks_class() -> type:
@@ -28,12 +66,20 @@ def _hooks_class() -> type:
                          "or use engine='torch.func'") from exc
 
     class Hooks(GradSampleModule):
-        """GradSampleModule whose backward hook ignores passes of forwards that recorded nothing."""
+        """GradSampleModule whose backward hook ignores passes of forwards that recorded nothing and,
+        while `sink` is set, moves each layer's finished per-sample gradients into it."""
+
+        sink: Optional[_Sink] = None
 
         def capture_backprops_hook(self, module: nn.Module, *args, **kwargs):  # type: ignore[override]
             if not getattr(module, "activations", None):  # eval mode, no_grad, or an attack on the input
                 return None
-            return super().capture_backprops_hook(module, *args, **kwargs)
+            super().capture_backprops_hook(module, *args, **kwargs)
+            if self.sink is not None:
+                for p in module.parameters(recurse=False):
+                    if id(p) in self.sink.columns and getattr(p, "grad_sample", None) is not None:
+                        self.sink.take(p)
+            return None
 
     return Hooks
 
@@ -59,30 +105,46 @@ class OpacusEngine:
         """[B, P] per-sample gradients of losses [B] (computed by a forward with the hooks on).
 
         The parameters' `.grad` is not touched; rows follow `params`, flattened, as `dtype` (into
-        `out` when given: the result is then a view of it, valid until its next use).
+        `out` when given: the result is then a view of it, valid until its next use). Each layer's
+        per-sample gradients move into the result as soon as its backward hook has computed them.
         """
         batch = losses.shape[0]
+        size = sum(p.numel() for p in params)
+        device = params[0].device
+        flat = out.rows(batch, size, dtype, device) if out is not None else torch.empty(batch, size, dtype=dtype,
+                                                                                          device=device)
         for p in params:
             p.grad_sample = None
-        with self.quiet():
-            torch.autograd.grad(losses.sum(), list(params), allow_unused=True)
-        if all(p.grad_sample is None for p in params):
+        sink = _Sink(params, flat)
+        self._hooks.sink = sink
+        try:
+            with self.quiet():
+                torch.autograd.grad(losses.sum(), list(params), allow_unused=True)
+        finally:
+            self._hooks.sink = None
+            for p in params:
+                p.grad_sample = None
+        if any(hasattr(p, "_current_grad_sample") for p in params):
+            self._forget_forwards()
+            raise ValueError("a train-mode forward of the model with grad enabled since the last backward is not "
+                             "part of these losses, so Opacus cannot match per-sample gradients to it: run such "
+                             "forwards under torch.no_grad() or in eval mode")
+        if not sink.filled:
             raise ValueError("Opacus recorded no per-sample gradients: compute the losses from a forward of "
                              "the model in train mode with grad enabled, inside the DeMem block")
-        rows = []
-        for p in params:
-            sample = p.grad_sample
-            if isinstance(sample, list):  # earlier train-mode passes since the last call: ours is last
-                sample = sample[-1]
-            if sample is None:  # not reached by these losses
-                sample = torch.zeros(batch, *p.shape, dtype=dtype, device=p.device)
-            if sample.shape[0] != batch:
-                raise ValueError(f"Opacus recorded per-sample gradients for {sample.shape[0]} samples but "
-                                 f"per_sample_losses has {batch}: compute the losses from one train-mode "
-                                 "forward of the model on the batch")
-            rows.append(sample)
-            p.grad_sample = None
-        return flatten_into(rows, batch, dtype, out)
+        sink.zero_unfilled(params)
+        return flat
+
+    def _forget_forwards(self) -> None:
+        """Drop what Opacus recorded of forwards not yet backpropagated (a clean state for the next)."""
+        for module in self._module.modules():
+            if getattr(module, "activations", None):
+                module.activations.clear()
+        for p in self._module.parameters():
+            if hasattr(p, "_current_grad_sample"):
+                del p._current_grad_sample
+            if hasattr(p, "_forward_counter"):
+                p._forward_counter = 0
 
     def close(self) -> None:
         """Remove the hooks and every attribute Opacus added to the parameters and layers."""

@@ -140,3 +140,62 @@ def test_clipping_config_without_opacus_engine_still_points_to_the_engines() -> 
     with dx.DeMem(model, opt, max_grad_norm=1.0) as dm:
         with pytest.raises(ValueError, match="backward_per_sample.*engine='opacus'"):
             dm.backward(_loss(model, x, y))
+
+
+class _TwiceAndUnused(nn.Module):
+    """A layer called twice per forward, and a layer the loss never reaches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.inner, self.head, self.unused = nn.Linear(6, 6), nn.Linear(6, 3), nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.inner(torch.tanh(self.inner(x)))))
+
+
+def test_layer_called_twice_and_unreached_parameters_match_torch_func() -> None:
+    x, y = torch.randn(10, 6, generator=torch.Generator().manual_seed(2)), torch.arange(10) % 3
+    results = []
+    for engine in ("torch.func", "opacus"):
+        model = _TwiceAndUnused()
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        with dx.DeMem(model, opt, engine=engine, lam=0.5, max_grad_norm=0.2) as dm:
+            for _ in range(2):
+                if engine == "opacus":
+                    dm.backward(_loss(model, x, y))
+                else:
+                    dm.backward_per_sample(_loss, x, y)
+                opt.step()
+                results.append(dm.stats.norms)
+        results.append([p.detach().clone() for p in model.parameters()])
+    half = len(results) // 2
+    for a, b in zip(results[:half - 1], results[half:-1]):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    for a, b in zip(results[half - 1], results[-1]):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    assert torch.equal(results[-1][4], _TwiceAndUnused().unused.weight)  # zero rows: never moved
+
+
+def test_losses_of_part_of_a_forward_are_a_clear_error() -> None:
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = _batch()
+    with dx.DeMem(model, opt, engine="opacus", lam=0.5, max_grad_norm=0.5) as dm:
+        with pytest.raises(ValueError, match="for 12 samples but per_sample_losses has 5"):
+            dm.backward(_loss(model, x, y)[:5])
+
+
+def test_a_forward_left_out_of_the_losses_is_a_clear_error_and_forgotten() -> None:
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = _batch()
+    with dx.DeMem(model, opt, engine="opacus", lam=0.5, max_grad_norm=0.5) as dm:
+        model(x)  # train mode, grad enabled, never backpropagated
+        with pytest.raises(ValueError, match="not part of these losses"):
+            dm.backward(_loss(model, x, y))
+        dm.backward(_loss(model, x, y))  # the stale forward is forgotten
+        opt.step()
+    expected = _train("torch.func", steps=1, lam=0.5, max_grad_norm=0.5)
+    for a, b in zip(expected, model.parameters()):
+        torch.testing.assert_close(b.detach(), a, rtol=1e-5, atol=1e-6)
