@@ -34,21 +34,15 @@ class _Sink:
         self.filled: set[int] = set()
 
     def take(self, p: nn.Parameter) -> None:
-        """Move p.grad_sample (the latest, when Opacus kept a list) into p's columns."""
-        sample = p.grad_sample
-        if isinstance(sample, list):  # earlier train-mode passes since the last call: ours is last
-            sample = sample[-1]
+        """Move p.grad_sample into p's columns (Opacus sets it once per backward pass: when the last
+        forward call that used p has been backpropagated)."""
         rows = self.flat.shape[0]
-        if sample.shape[0] != rows:
-            raise ValueError(f"Opacus recorded per-sample gradients for {sample.shape[0]} samples but "
+        if p.grad_sample.shape[0] != rows:
+            raise ValueError(f"Opacus recorded per-sample gradients for {p.grad_sample.shape[0]} samples but "
                              f"per_sample_losses has {rows}: compute the losses from one train-mode "
                              "forward of the model on the batch")
-        columns = self.columns[id(p)]
-        if id(p) in self.filled:  # a parameter shared by several layers
-            columns.add_(sample.reshape(rows, -1))
-        else:
-            columns.copy_(sample.reshape(rows, -1))
-            self.filled.add(id(p))
+        self.columns[id(p)].copy_(p.grad_sample.reshape(rows, -1))
+        self.filled.add(id(p))
         p.grad_sample = None
 
     def zero_unfilled(self, params: Sequence[nn.Parameter]) -> None:
@@ -111,8 +105,10 @@ class OpacusEngine:
         batch = losses.shape[0]
         size = sum(p.numel() for p in params)
         device = params[0].device
-        flat = out.rows(batch, size, dtype, device) if out is not None else torch.empty(batch, size, dtype=dtype,
-                                                                                          device=device)
+        if out is None:
+            flat = torch.empty(batch, size, dtype=dtype, device=device)
+        else:
+            flat = out.rows(batch, size, dtype, device)
         for p in params:
             p.grad_sample = None
         sink = _Sink(params, flat)
@@ -120,6 +116,9 @@ class OpacusEngine:
         try:
             with self.quiet():
                 torch.autograd.grad(losses.sum(), list(params), allow_unused=True)
+        except BaseException:
+            self._forget_forwards()  # a backward stopped half way leaves Opacus's counts behind
+            raise
         finally:
             self._hooks.sink = None
             for p in params:

@@ -184,6 +184,11 @@ def test_losses_of_part_of_a_forward_are_a_clear_error() -> None:
     with dx.DeMem(model, opt, engine="opacus", lam=0.5, max_grad_norm=0.5) as dm:
         with pytest.raises(ValueError, match="for 12 samples but per_sample_losses has 5"):
             dm.backward(_loss(model, x, y)[:5])
+        dm.backward(_loss(model, x, y))  # nothing of the failed call is left behind
+        opt.step()
+    expected = _train("torch.func", steps=1, lam=0.5, max_grad_norm=0.5)
+    for a, b in zip(expected, model.parameters()):
+        torch.testing.assert_close(b.detach(), a, rtol=1e-5, atol=1e-6)
 
 
 def test_a_forward_left_out_of_the_losses_is_a_clear_error_and_forgotten() -> None:
