@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from demem_ext import ops
+from demem_ext import bench, ops
 from demem_ext.bench import fused, opacus_version, training
 from demem_ext.cli import main
 
@@ -149,6 +149,15 @@ def test_training_benchmark_runs_one_step_of_each_variant_on_the_cnn() -> None:
     assert result["params"] > 10_000 and result["attack_steps"] == 1
     table = training.format_table(result)
     assert all(name in table for name in training.VARIANTS.values()) and "PGD-1" in table
+
+
+def test_tables_record_the_allocator_settings(monkeypatch) -> None:
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "2147483647")
+    assert bench.allocator_settings() == {"MALLOC_TRIM_THRESHOLD_": "2147483647"}
+    result = training.benchmark("cnn", CPU, batch=4, attack_steps=0, steps=1, warmup=0, memory=False, opacus=False)
+    assert result["env"]["allocator"] == {"MALLOC_TRIM_THRESHOLD_": "2147483647"}
+    assert "allocator MALLOC_TRIM_THRESHOLD_=2147483647" in training.format_table(result)
 
 
 def test_memory_probe_runs_in_a_fresh_process() -> None:

@@ -32,6 +32,16 @@ def opacus_version() -> Optional[str]:
     return getattr(opacus, "__version__", "unknown")
 
 
+ALLOCATOR_VARIABLES = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_ARENA_MAX",
+                       "GLIBC_TUNABLES", "LD_PRELOAD")
+
+
+def allocator_settings() -> dict[str, str]:
+    """The environment variables that change the C allocator (on a CPU they change the step times:
+    glibc's default returns large freed blocks to the OS, and every step page-faults them back)."""
+    return {name: os.environ[name] for name in ALLOCATOR_VARIABLES if os.environ.get(name)}
+
+
 def environment(device: torch.device) -> dict[str, Any]:
     """What the numbers depend on: versions, threads, CPU kernel or GPU, load."""
     from demem_ext import ops
@@ -41,6 +51,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         "processor": platform.processor() or platform.machine(), "backend": ops.backend(),
         "opacus": opacus_version(), "device": device.type,
         "loadavg_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "allocator": allocator_settings(),
     }
     if ops.extension_loaded():
         from demem_ext import _C
