@@ -14,6 +14,9 @@
 # benchmark is skipped, or cut short by its timeout, when the earlier steps ran long).
 #
 #   bash benchmarks/gpu_check.sh            # PYTHON=python3 OUT=./gpu_out by default
+#
+# Wheels in .whl/ (benchmarks/gpu_wheels.sh fetches Opacus there) are installed first, into a
+# temporary folder on PYTHONPATH: carry .whl when the machine cannot reach a package index.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -32,6 +35,13 @@ if [[ -z "${CUDA_HOME:-}" ]] && command -v nvcc >/dev/null 2>&1; then
     CUDA_HOME="$(cd "$top" && pwd)"
     export CUDA_HOME
   fi
+fi
+
+# wheels carried from the build machine (benchmarks/gpu_wheels.sh: Opacus), installed without network
+if compgen -G ".whl/*.whl" >/dev/null; then
+  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/demem-wheels \
+    .whl/*.whl >"$OUT/wheels.log" 2>&1 || echo "installing .whl/*.whl failed: see wheels.log" >>"$OUT/wheels.log"
+  export PYTHONPATH="/tmp/demem-wheels${PYTHONPATH:+:$PYTHONPATH}"
 fi
 
 SUMMARY="$OUT/summary.txt"
@@ -58,6 +68,7 @@ step() {
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 || true
   nvcc --version 2>&1 | tail -n 2 || true
   "$PYTHON" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'gpu', torch.cuda.is_available() and torch.cuda.get_device_name())" 2>&1 || true
+  "$PYTHON" -c "import opacus; print('opacus', opacus.__version__)" 2>&1 || true
 } >"$OUT/env.log" 2>&1
 
 step build 330 "$PYTHON" -m pip install --no-build-isolation --no-deps -e .

@@ -197,3 +197,10 @@ def test_cpu_probe_builds_and_runs(tmp_path) -> None:
         run = subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=120)
         assert run.returncode == 0 and expect in run.stdout, run.stderr
     assert subprocess.run([str(exe)], capture_output=True, text=True).returncode == 2  # usage
+
+
+@pytest.mark.parametrize("script", ["gpu_check.sh", "gpu_wheels.sh"])
+def test_gpu_scripts_parse(script: str) -> None:
+    """The GPU scripts run only on a lent GPU machine: here at least they must be valid bash."""
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / script
+    subprocess.run(["bash", "-n", str(path)], check=True)
