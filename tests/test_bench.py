@@ -52,9 +52,15 @@ def test_fused_benchmark_rows_have_every_column_and_json(tmp_path, capsys) -> No
         assert row["bytes_moved"] == row["B"] * row["P"] * itemsize + 4 * row["P"]
         assert row["copy_bytes"] == 2 * row["B"] * row["P"] * itemsize
         assert row["ext_pct_of_copy"] == pytest.approx(100 * row["ext_GBps"] / row["copy_GBps"])
+        two_reads = row["bytes_moved"] + row["B"] * row["P"] * itemsize
+        assert row["ext_two_pass_pct_of_copy"] == pytest.approx(
+            100 * two_reads / (row["ext_ms"] / 1e3) / 1e9 / row["copy_GBps"])
     assert data["env"]["threads"] >= 1 and data["config"]["repeats"] == 2
     out = capsys.readouterr().out
     assert "ext%copy" in out and "opacus/ext" in out and out.count(" fp32 |") == 2
+    assert "2pass%copy" not in out  # a CUDA column
+    data["env"]["device"] = "cuda"
+    assert "2pass%copy" in fused.format_table(data)
 
 
 def test_default_cases_cover_the_issue_grid() -> None:
