@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+from typing import Callable
 
 import pytest
 import torch
@@ -70,25 +71,41 @@ def test_backward_of_model_losses_matches_torch_func(config: dict) -> None:
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
 
 
+def _two_steps(engine: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, lr: float,
+               attack: bool = False) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Parameters after two DeMem steps (λ = 0.5, C = 0.5) with `engine`, and each step's norms;
+    attack: train on a PGD example of the batch (eval-mode forwards and input gradients)."""
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    norms = []
+    with dx.DeMem(model, opt, engine=engine, lam=0.5, max_grad_norm=0.5) as dm:
+        for _ in range(2):
+            inputs = x
+            if attack:
+                torch.manual_seed(3)
+                inputs = pgd(model, x, y, 0.1, 0.025, 3, clamp=(-5.0, 5.0))
+            if engine == "opacus":
+                dm.backward(_loss(model, inputs, y))
+            else:
+                dm.backward_per_sample(_loss, inputs, y)
+            opt.step()
+            norms.append(dm.stats.norms)
+    return [p.detach().clone() for p in model.parameters()], norms
+
+
+def _assert_engines_agree(make_model: Callable[[], nn.Module], x: torch.Tensor, y: torch.Tensor, lr: float,
+                          attack: bool = False) -> list[torch.Tensor]:
+    """Both engines give the same norms and parameters; returns the parameters."""
+    expected, expected_norms = _two_steps("torch.func", make_model(), x, y, lr, attack)
+    got, got_norms = _two_steps("opacus", make_model(), x, y, lr, attack)
+    for a, b in zip(expected + expected_norms, got + got_norms):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    return got
+
+
 def test_attack_passes_in_eval_mode_are_ignored() -> None:
     """A PGD attack (eval mode, gradients w.r.t. the input) between steps records nothing."""
     x, y = _batch()
-    results = []
-    for engine in ("torch.func", "opacus"):
-        model = _model()
-        opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        with dx.DeMem(model, opt, engine=engine, lam=0.5, max_grad_norm=0.5) as dm:
-            for _ in range(2):
-                torch.manual_seed(3)
-                x_adv = pgd(model, x, y, 0.1, 0.025, 3, clamp=(-5.0, 5.0))
-                if engine == "opacus":
-                    dm.backward(_loss(model, x_adv, y))
-                else:
-                    dm.backward_per_sample(_loss, x_adv, y)
-                opt.step()
-        results.append([p.detach().clone() for p in model.parameters()])
-    for a, b in zip(*results):
-        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    _assert_engines_agree(_model, x, y, lr=0.1, attack=True)
 
 
 def test_hooks_and_attributes_are_removed_on_exit() -> None:
@@ -156,25 +173,8 @@ class _TwiceAndUnused(nn.Module):
 
 def test_layer_called_twice_and_unreached_parameters_match_torch_func() -> None:
     x, y = torch.randn(10, 6, generator=torch.Generator().manual_seed(2)), torch.arange(10) % 3
-    results = []
-    for engine in ("torch.func", "opacus"):
-        model = _TwiceAndUnused()
-        opt = torch.optim.SGD(model.parameters(), lr=0.5)
-        with dx.DeMem(model, opt, engine=engine, lam=0.5, max_grad_norm=0.2) as dm:
-            for _ in range(2):
-                if engine == "opacus":
-                    dm.backward(_loss(model, x, y))
-                else:
-                    dm.backward_per_sample(_loss, x, y)
-                opt.step()
-                results.append(dm.stats.norms)
-        results.append([p.detach().clone() for p in model.parameters()])
-    half = len(results) // 2
-    for a, b in zip(results[:half - 1], results[half:-1]):
-        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
-    for a, b in zip(results[half - 1], results[-1]):
-        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
-    assert torch.equal(results[-1][4], _TwiceAndUnused().unused.weight)  # zero rows: never moved
+    params = _assert_engines_agree(_TwiceAndUnused, x, y, lr=0.5)
+    assert torch.equal(params[4], _TwiceAndUnused().unused.weight)  # zero rows: never moved
 
 
 def test_losses_of_part_of_a_forward_are_a_clear_error() -> None:
