@@ -58,7 +58,7 @@ class Objective(ABC):
 
     @abstractmethod
     def loss_and_logits(self, model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        """Per-sample training loss ``[B]`` and the logits ``[B, K]`` on ``x_adv`` (``x`` when untargeted)."""
+        """Per-sample training loss ``[B]`` and the logits ``[B, K]`` on ``x_adv`` (on ``x`` for plain training)."""
 
     def per_sample_loss(self, model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor) -> Tensor:
         """Per-sample training loss ``[B]``."""
