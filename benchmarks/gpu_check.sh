@@ -6,12 +6,16 @@
 #      4 GB of fp32 per-sample gradients (64/256 x 1e5/1e6/4e6, 1024 x 1e6, 64 x 16e6; bf16 at the
 #      largest P), the extension vs the plain PyTorch composition vs the exact reference (small shapes)
 #      vs Opacus's DPOptimizer.pre_step(), with the device copy bandwidth measured in the same run,
-#   4. if time is left, the training-step benchmark on the GPU (CNN and GroupNorm ResNet-18, PGD-10),
-#   5. merges both benchmarks and the step summary into $OUT/gpu_bench.json.
-# Every log, the JSON files and summary.txt (one line per step with its exit code and duration) go
-# under $OUT (default ./gpu_out). A failing step is recorded and the script goes on; it exits non-zero
-# if any step failed. Budget: well under 8 minutes on one H100/H200 with 16 cores (the training
-# benchmark is skipped, or cut short by its timeout, when the earlier steps ran long).
+#   4. profiles each kernel of the fused op against a device copy (python -m demem_ext.bench.cuda_passes:
+#      which pass, if any, falls short of the bandwidth target),
+#   5. if time is left, the training-step benchmark on the GPU (CNN and GroupNorm ResNet-18, PGD-10),
+#   6. merges the benchmarks and the step summary into $OUT/gpu_bench.json.
+# $OUT (default ./gpu_out) ends with four files: gpu_bench.json, summary.txt (one line per step with
+# its exit code and duration), env.log and logs.tar.gz (every step's log and JSON, written to
+# $OUT/logs/ while the script runs; the device tool brings back at most 8 files). A failing step is
+# recorded and the script goes on; it exits non-zero if any step failed. Budget: well under 8 minutes
+# on one H100/H200 with 16 cores (the training benchmark is skipped, or cut short by its timeout, when
+# the earlier steps ran long).
 #
 #   bash benchmarks/gpu_check.sh            # PYTHON=python3 OUT=./gpu_out by default
 #
@@ -22,7 +26,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-./gpu_out}"
 PYTHON="${PYTHON:-python3}"
-mkdir -p "$OUT"
+LOGS="$OUT/logs"
+mkdir -p "$LOGS"
 export MAX_JOBS="${MAX_JOBS:-16}"
 export DEMEM_BUILD_CUDA=1
 export PYTHONUNBUFFERED=1
@@ -40,7 +45,7 @@ fi
 # wheels carried from the build machine (benchmarks/gpu_wheels.sh: Opacus), installed without network
 if compgen -G ".whl/*.whl" >/dev/null; then
   "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/demem-wheels \
-    .whl/*.whl >"$OUT/wheels.log" 2>&1 || echo "installing .whl/*.whl failed: see wheels.log" >>"$OUT/wheels.log"
+    .whl/*.whl >"$LOGS/wheels.log" 2>&1 || echo "installing .whl/*.whl failed" >>"$LOGS/wheels.log"
   export PYTHONPATH="/tmp/demem-wheels${PYTHONPATH:+:$PYTHONPATH}"
 fi
 
@@ -48,13 +53,13 @@ SUMMARY="$OUT/summary.txt"
 : >"$SUMMARY"
 FAILED=0
 
-# step NAME TIMEOUT_SECONDS COMMAND...: runs COMMAND with its output in $OUT/NAME.log
+# step NAME TIMEOUT_SECONDS COMMAND...: runs COMMAND with its output in $LOGS/NAME.log
 step() {
   local name="$1" limit="$2"
   shift 2
   local start=$SECONDS rc=0
-  echo "== $name: $*" | tee -a "$OUT/$name.log"
-  timeout --kill-after=10 "$limit" "$@" >>"$OUT/$name.log" 2>&1 || rc=$?
+  echo "== $name: $*" | tee -a "$LOGS/$name.log"
+  timeout --kill-after=10 "$limit" "$@" >>"$LOGS/$name.log" 2>&1 || rc=$?
   local took=$((SECONDS - start))
   printf '%-12s rc=%-3s %4ss  %s\n' "$name" "$rc" "$took" "$*" | tee -a "$SUMMARY"
   if [[ $rc -ne 0 ]]; then FAILED=1; fi
@@ -75,12 +80,13 @@ step build 330 "$PYTHON" -m pip install --no-build-isolation --no-deps -e .
 step check_ext 60 "$PYTHON" -c "import torch; from demem_ext import ops, _C; print('backend', ops.backend(), 'cuda kernels', ops.extension_has_cuda(), 'cpu', _C.cpu_capability()); assert ops.extension_has_cuda() and torch.cuda.is_available()"
 step test_cuda 200 "$PYTHON" -m pytest tests/test_cuda.py -q -p no:cacheprovider -x --durations=10
 step test_cpu 150 "$PYTHON" -m pytest tests/test_ops.py tests/test_philox.py tests/test_build.py -q -p no:cacheprovider --durations=5
-step bench_fused 150 "$PYTHON" benchmarks/bench_fused.py --device cuda --json "$OUT/bench_fused_cuda.json"
+step bench_fused 150 "$PYTHON" benchmarks/bench_fused.py --device cuda --json "$LOGS/bench_fused_cuda.json"
+step passes 90 "$PYTHON" -m demem_ext.bench.cuda_passes --json "$LOGS/cuda_passes.json"
 # the training benchmark only gets what is left of a 7.5-minute budget (at most 150 s)
 left=$((450 - SECONDS))
 if ((left >= 45)); then
   step bench_train $((left < 150 ? left : 150)) "$PYTHON" benchmarks/bench_training.py --device cuda --model all \
-    --json "$OUT/bench_training_cuda.json"
+    --json "$LOGS/bench_training_cuda.json"
 else
   printf '%-12s skipped: %ss used, too little time left\n' bench_train "$SECONDS" | tee -a "$SUMMARY"
 fi
@@ -88,19 +94,21 @@ step merge 30 "$PYTHON" - "$OUT" <<'PY'
 import json, os, sys
 out = sys.argv[1]
 merged = {"summary": open(os.path.join(out, "summary.txt")).read().splitlines()}
-for key, name in (("fused", "bench_fused_cuda.json"), ("training", "bench_training_cuda.json")):
-    path = os.path.join(out, name)
+for key, name in (("fused", "bench_fused_cuda.json"), ("passes", "cuda_passes.json"),
+                  ("training", "bench_training_cuda.json")):
+    path = os.path.join(out, "logs", name)
     merged[key] = json.load(open(path)) if os.path.exists(path) else None
 json.dump(merged, open(os.path.join(out, "gpu_bench.json"), "w"), indent=2)
 print("wrote", os.path.join(out, "gpu_bench.json"), "fused rows:", len((merged["fused"] or {}).get("rows", [])))
 PY
 
-for name in bench_fused bench_train; do
-  if [[ -f "$OUT/$name.log" ]]; then
+for name in bench_fused passes bench_train; do
+  if [[ -f "$LOGS/$name.log" ]]; then
     echo "---- $name"
-    grep -v '^  B=' "$OUT/$name.log" | sed -n '/^\(fused step\|training step\)/,$p'
+    grep -v '^  B=' "$LOGS/$name.log" | sed -n '/^\(fused step\|CUDA fused step\|training step\)/,$p'
   fi
 done
+tar -czf "$OUT/logs.tar.gz" -C "$OUT" logs && rm -rf "$LOGS"
 
 echo "summary ($SUMMARY):"
 cat "$SUMMARY"

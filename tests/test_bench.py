@@ -210,3 +210,35 @@ def test_gpu_scripts_parse(script: str) -> None:
     """The GPU scripts run only on a lent GPU machine: here at least they must be valid bash."""
     path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / script
     subprocess.run(["bash", "-n", str(path)], check=True)
+
+
+def test_cuda_pass_times_come_from_device_rows_only() -> None:
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    from demem_ext.bench import cuda_passes
+
+    def row(key: str, us: float, device=DeviceType.CUDA) -> SimpleNamespace:
+        return SimpleNamespace(key=key, self_device_time_total=us, device_type=device)
+
+    events = [row("void demem::(anonymous namespace)::row_sumsq_kernel<float, true>(...)", 300.0),
+              row("void demem::(anonymous namespace)::prologue_kernel<float>(...)", 30.0),
+              row("void demem::(anonymous namespace)::weighted_sum_kernel<float, float, true>(...)", 330.0),
+              row("demem::fused_step", 660.0, DeviceType.CPU),  # repeats its kernels' time: not counted
+              row("Memcpy DtoD (Device -> Device)", 600.0)]
+    times = cuda_passes.kernel_times(events, calls=3)
+    assert times == {"norms": 100.0, "prologue": 10.0, "sum": 110.0, "split_sum": None, "copy": 200.0}
+    table = cuda_passes.format_table({"env": {"gpu": "a GPU", "torch": torch.__version__}, "rows": [{
+        "B": 64, "P": 1000, "dtype": "fp32", "repeats": 3, "norms_us": 100.0, "prologue_us": 10.0, "sum_us": 110.0,
+        "split_sum_us": None, "copy_us": 200.0, "norms_GBps": 2.56, "sum_GBps": 2.33, "copy_GBps": 2.56,
+        "norms_pct_of_copy": 100.0, "sum_pct_of_copy": 91.0, "two_pass_pct_of_copy": 91.0}]})
+    assert "2pass%cp" in table and "     91%" in table and "a GPU" in table
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given without a GPU")
+def test_cuda_passes_without_a_gpu_says_so(capsys) -> None:
+    from demem_ext.bench import cuda_passes
+
+    assert cuda_passes.main(["--shapes", "4x100"]) == 2
+    assert "cuda" in capsys.readouterr().err.lower()

@@ -177,7 +177,8 @@ class _Timer:
         return time.perf_counter() - start_s
 
 
-def _make_grads(case: Case, device: torch.device, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def make_grads(case: Case, device: torch.device, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample gradients G [B, P] (standard normal, in the case's dtype) and scores [B] of one case."""
     gen = torch.Generator(device=device).manual_seed(seed + case.batch * 7919 + case.size)
     grads = torch.empty(case.batch, case.size, dtype=DTYPES[case.dtype], device=device)
     grads.normal_(generator=gen)
@@ -190,7 +191,7 @@ def bench_case(case: Case, device: torch.device, warmup: int, repeats: int, *, o
     """Time every column on one shape, interleaved; returns the table row (None where not measured)."""
     if case.dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {case.dtype!r}")
-    grads, scores = _make_grads(case, device, seed)
+    grads, scores = make_grads(case, device, seed)
     dst = torch.empty_like(grads)
     denom = float(case.batch)
     args = (*RULE, denom, 1234, 0)
