@@ -563,20 +563,33 @@ class DeMem:
         return total, count
 
     # ------------------------------------------------------------------ per-sample sums
-    def _one_chunk(self, grads_of: GradsOf, batch: Sequence[torch.Tensor],
-                   idx: Optional[torch.Tensor]) -> _BatchSum:
-        """The batch in one chunk: scores are the per-sample losses from grad_and_value."""
-        grads, losses = grads_of(batch)
+    def _batch_rule(self, losses: torch.Tensor, idx: Optional[torch.Tensor],
+                    fix_tau: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, DeMemConfig]:
+        """The samples kept (finite losses), their positions, their scores and the rule to sum them with.
+
+        The rule is threshold "fixed" at the batch's τ under torch.distributed (τ of all ranks' scores:
+        every rank takes part in that collective, even with no sample kept) and with `fix_tau` (chunks,
+        each summed apart); else the config itself (the fused op finds τ from the scores).
+        """
         problem = "loss_fn returned non-finite losses"
-        # under torch.distributed every rank takes part in τ (a collective), even with no sample kept
         keep = torch.isfinite(losses) if self._world > 1 else self._keep(torch.isfinite(losses), problem)
         positions = keep.nonzero().flatten()
-        if positions.numel() == 0 and self._world == 1:
-            return _BatchSum(None, [], keep, losses)
         scores = self._scores(losses[keep], None if idx is None else idx[positions.cpu()])
         config = self._sum_config
-        if self._world > 1:  # τ of all ranks' scores; rows with non-finite gradients leave the sum only
+        if self._world > 1:
             config, _ = self._global_rule(config, scores, keep, problem)
+        elif fix_tau and positions.numel() > 0:
+            cfg = self.config
+            config = config.replace(threshold="fixed",
+                                    tau=reference.threshold(scores, cfg.threshold, cfg.k, cfg.quantile, cfg.tau))
+        return keep, positions, scores, config
+
+    def _one_chunk(self, grads_of: GradsOf, batch: Sequence[torch.Tensor],
+                   idx: Optional[torch.Tensor]) -> _BatchSum:
+        """The batch in one chunk: scores are the per-sample losses from grad_and_value; rows with
+        non-finite gradients leave the sum (on one process, before τ: the fused op finds it)."""
+        grads, losses = grads_of(batch)
+        keep, positions, scores, config = self._batch_rule(losses, idx, fix_tau=False)
         if positions.numel() == 0:
             return _BatchSum(None, [], keep, losses)
         result, ok = self._sum_finite_rows(grads if bool(keep.all()) else grads[keep], scores, config, positions)
@@ -608,19 +621,7 @@ class DeMem:
             losses = loss_module(*batch)
         check_loss_shape(losses, batch[0].shape[0])
         losses = losses.detach()
-        problem = "loss_fn returned non-finite losses"
-        # under torch.distributed every rank takes part in τ (a collective), even with no sample kept
-        keep = torch.isfinite(losses) if self._world > 1 else self._keep(torch.isfinite(losses), problem)
-        positions = keep.nonzero().flatten()
-        if positions.numel() == 0 and self._world == 1:
-            return _BatchSum(None, [], keep, losses)
-        scores = self._scores(losses[keep], None if idx is None else idx[positions.cpu()])
-        if self._world > 1:
-            chunk_config, _ = self._global_rule(self._sum_config, scores, keep, problem)
-        else:
-            cfg = self.config
-            tau = reference.threshold(scores, cfg.threshold, cfg.k, cfg.quantile, cfg.tau)
-            chunk_config = self._sum_config.replace(threshold="fixed", tau=tau)
+        keep, positions, scores, chunk_config = self._batch_rule(losses, idx, fix_tau=True)
         if positions.numel() == 0:
             return _BatchSum(None, [], keep, losses)
         total, parts = None, []
