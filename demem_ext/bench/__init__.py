@@ -23,6 +23,13 @@ from typing import Any, Optional
 import torch
 
 
+def write_json(path: Optional[str], data: Any) -> None:
+    """The benchmark's result as indented JSON at `path` (nothing when path is None)."""
+    if path:
+        with open(path, "w") as fh:
+            json.dump(data, fh, indent=2)
+
+
 def opacus_version() -> Optional[str]:
     """The installed Opacus version, or None when Opacus cannot be imported."""
     try:
@@ -103,7 +110,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
             print()
             result["training"].append(out)
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(result, fh, indent=2)
+        write_json(args.json, result)
         print(f"wrote {args.json}")
     return rc

@@ -13,14 +13,13 @@ at >= 75% of the copy bandwidth). GPU only; `benchmarks/gpu_check.sh` runs it af
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import Any, Iterable, Optional, Sequence
 
 import torch
 from torch.autograd import DeviceType
 
-from demem_ext.bench import environment
+from demem_ext.bench import environment, write_json
 from demem_ext.bench.fused import DTYPES, RULE, Case, make_grads, check_device, parse_shapes
 
 # table key -> a substring of the kernel's name in the profiler (the copy: cudaMemcpy or a copy kernel)
@@ -129,9 +128,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     rows = [profile_case(Case(b, p, d), device, args.repeats) for d in args.dtype for b, p in shapes]
     result = {"env": environment(device), "rows": rows}
     print(format_table(result))
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(result, fh, indent=2)
+    write_json(args.json, result)
     return 0
 
 

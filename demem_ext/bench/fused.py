@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import random
 import statistics
 import sys
@@ -39,7 +38,7 @@ import torch
 from torch import nn
 
 from demem_ext import ops, reference
-from demem_ext.bench import environment, opacus_version
+from demem_ext.bench import environment, opacus_version, write_json
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
 LAM, K, MAX_GRAD_NORM, NOISE = 0.5, 1.0, 1.0, 1.0
@@ -384,9 +383,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                        opacus=not args.no_opacus, exact_max_elements=exact, flush=not args.no_flush,
                        seed=args.seed, progress=True)
     print(format_table(result))
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(result, fh, indent=2)
+    write_json(args.json, result)
     return 0
 
 

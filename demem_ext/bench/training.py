@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 import demem_ext as dx
 from demem_ext.adversarial import make_objective
-from demem_ext.bench import environment, opacus_version
+from demem_ext.bench import environment, opacus_version, write_json
 from demem_ext.models import build_model
 
 MODELS = ("cnn", "resnet18")
@@ -350,9 +350,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(format_table(result), flush=True)
         print()
         results.append(result)
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(results[0] if len(results) == 1 else {"models": results}, fh, indent=2)
+    write_json(args.json, results[0] if len(results) == 1 else {"models": results})
     return 0
 
 
