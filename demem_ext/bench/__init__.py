@@ -30,6 +30,11 @@ def write_json(path: Optional[str], data: Any) -> None:
             json.dump(data, fh, indent=2)
 
 
+def cell(value: Optional[float], fmt: str, width: int, suffix: str = "") -> str:
+    """One right-aligned table cell: `value` formatted (with `suffix`), or "n/a" when None."""
+    return f"{'n/a':>{width}}" if value is None else f"{format(value, fmt) + suffix:>{width}}"
+
+
 def opacus_version() -> Optional[str]:
     """The installed Opacus version, or None when Opacus cannot be imported."""
     try:

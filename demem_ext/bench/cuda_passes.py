@@ -19,8 +19,8 @@ from typing import Any, Iterable, Optional, Sequence
 import torch
 from torch.autograd import DeviceType
 
-from demem_ext.bench import environment, write_json
-from demem_ext.bench.fused import DTYPES, RULE, Case, make_grads, check_device, parse_shapes
+from demem_ext.bench import environment, cell, write_json
+from demem_ext.bench.fused import DTYPES, RULE, Case, check_device, make_grads, parse_shapes
 
 # table key -> a substring of the kernel's name in the profiler (the copy: cudaMemcpy or a copy kernel)
 KERNELS = {"norms": "row_sumsq_kernel", "prologue": "prologue_kernel", "sum": "weighted_sum_kernel",
@@ -88,10 +88,6 @@ def profile_case(case: Case, device: torch.device, repeats: int = 5, seed: int =
     return row
 
 
-def _cell(value: Optional[float], fmt: str, width: int, suffix: str = "") -> str:
-    return f"{'n/a':>{width}}" if value is None else f"{format(value, fmt) + suffix:>{width}}"
-
-
 def format_table(result: dict[str, Any]) -> str:
     env = result["env"]
     lines = [f"CUDA fused step, device time per kernel (torch.profiler, mean of {result['rows'][0]['repeats']} "
@@ -102,11 +98,11 @@ def format_table(result: dict[str, Any]) -> str:
     lines += [head, "-" * len(head)]
     for r in result["rows"]:
         lines.append(
-            f"{r['B']:>5} {r['P']:>9} {r['dtype']:>5} | {_cell(r['norms_us'], '.1f', 9)} {_cell(r['prologue_us'], '.1f', 9)}"
-            f" {_cell(r['sum_us'], '.1f', 9)} {_cell(r['split_sum_us'], '.1f', 9)} {_cell(r['copy_us'], '.1f', 9)} |"
-            f" {_cell(r['norms_GBps'], '.0f', 10)} {_cell(r['sum_GBps'], '.0f', 9)} {_cell(r['copy_GBps'], '.0f', 9)} |"
-            f" {_cell(r['norms_pct_of_copy'], '.0f', 8, '%')} {_cell(r['sum_pct_of_copy'], '.0f', 7, '%')}"
-            f" {_cell(r['two_pass_pct_of_copy'], '.0f', 8, '%')}")
+            f"{r['B']:>5} {r['P']:>9} {r['dtype']:>5} | {cell(r['norms_us'], '.1f', 9)}"
+            f" {cell(r['prologue_us'], '.1f', 9)} {cell(r['sum_us'], '.1f', 9)} {cell(r['split_sum_us'], '.1f', 9)} {cell(r['copy_us'], '.1f', 9)} |"
+            f" {cell(r['norms_GBps'], '.0f', 10)} {cell(r['sum_GBps'], '.0f', 9)} {cell(r['copy_GBps'], '.0f', 9)} |"
+            f" {cell(r['norms_pct_of_copy'], '.0f', 8, '%')} {cell(r['sum_pct_of_copy'], '.0f', 7, '%')}"
+            f" {cell(r['two_pass_pct_of_copy'], '.0f', 8, '%')}")
     lines.append("GB/s of a pass: B*P*itemsize / its time; copy: 2*B*P*itemsize / time. 2pass%cp: both passes and "
                  "the prologue against the copy (issue 6's GPU target: >= 75%).")
     return "\n".join(lines)

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from demem_ext import ops, reference
-from demem_ext.bench import environment, opacus_version, write_json
+from demem_ext.bench import environment, opacus_version, cell, write_json
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
 LAM, K, MAX_GRAD_NORM, NOISE = 0.5, 1.0, 1.0, 1.0
@@ -305,10 +305,6 @@ def benchmark(device: torch.device, cases: Optional[Sequence[Case]] = None, *, q
     return out
 
 
-def _cell(value: Optional[float], fmt: str, width: int, suffix: str = "") -> str:
-    return f"{'n/a':>{width}}" if value is None else f"{format(value, fmt) + suffix:>{width}}"
-
-
 def format_table(result: dict[str, Any]) -> str:
     """The table as text: a header line with the conditions, then one line per shape."""
     env, cfg = result["env"], result["config"]
@@ -323,12 +319,12 @@ def format_table(result: dict[str, Any]) -> str:
     lines += [head, "-" * len(head)]
     for r in result["rows"]:
         lines.append(
-            f"{r['B']:>5} {r['P']:>9} {r['dtype']:>5} | {_cell(r['ext_ms'], '.3f', 9)} {_cell(r['ref_ms'], '.3f', 9)}"
-            f" {_cell(r['exact_ms'], '.3f', 9)} {_cell(r['opacus_ms'], '.3f', 9)} {_cell(r['copy_ms'], '.3f', 9)} |"
-            f" {_cell(r['ext_GBps'], '.1f', 8)} {_cell(r['copy_GBps'], '.1f', 9)} |"
-            f" {_cell(r['ref_over_ext'], '.2f', 7, 'x')} {_cell(r['exact_over_ext'], '.2f', 9, 'x')}"
-            f" {_cell(r['opacus_over_ext'], '.2f', 10, 'x')} {_cell(r['ext_pct_of_copy'], '.0f', 8, '%')}"
-            + (f" {_cell(r['ext_two_pass_pct_of_copy'], '.0f', 10, '%')}" if two_pass else ""))
+            f"{r['B']:>5} {r['P']:>9} {r['dtype']:>5} | {cell(r['ext_ms'], '.3f', 9)} {cell(r['ref_ms'], '.3f', 9)}"
+            f" {cell(r['exact_ms'], '.3f', 9)} {cell(r['opacus_ms'], '.3f', 9)} {cell(r['copy_ms'], '.3f', 9)} |"
+            f" {cell(r['ext_GBps'], '.1f', 8)} {cell(r['copy_GBps'], '.1f', 9)} |"
+            f" {cell(r['ref_over_ext'], '.2f', 7, 'x')} {cell(r['exact_over_ext'], '.2f', 9, 'x')}"
+            f" {cell(r['opacus_over_ext'], '.2f', 10, 'x')} {cell(r['ext_pct_of_copy'], '.0f', 8, '%')}"
+            + (f" {cell(r['ext_two_pass_pct_of_copy'], '.0f', 10, '%')}" if two_pass else ""))
     notes = list(result.get("notes", []))
     for r in result["rows"]:
         notes += [f"B={r['B']} P={r['P']} {r['dtype']}: {n}" for n in r["notes"] if "opacus" not in n]

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 import demem_ext as dx
 from demem_ext.adversarial import make_objective
-from demem_ext.bench import environment, opacus_version, write_json
+from demem_ext.bench import environment, opacus_version, cell, write_json
 from demem_ext.models import build_model
 
 MODELS = ("cnn", "resnet18")
@@ -282,10 +282,6 @@ def benchmark(model_name: str = "cnn", device: torch.device | str = "cpu", *, qu
             "env": environment(device), "rows": rows, "notes": notes}
 
 
-def _cell(value: Optional[float], fmt: str, width: int, suffix: str = "") -> str:
-    return f"{'n/a':>{width}}" if value is None else f"{format(value, fmt) + suffix:>{width}}"
-
-
 def format_table(result: dict[str, Any]) -> str:
     env = result["env"]
     where = env.get("gpu") or f"{env['threads']} CPU threads"
@@ -299,8 +295,8 @@ def format_table(result: dict[str, Any]) -> str:
     lines += [head + f"   (memory: {mem_how})", "-" * len(head)]
     for r in result["rows"]:
         ms = None if r["median_s"] is None else 1000 * r["median_s"]
-        lines.append(f"{r['variant']:<42} {_cell(ms, '.2f', 10)} {_cell(r['ratio'], '.3f', 7)}"
-                     f" {_cell(r['peak_increase_MB'], '.1f', 9)} {_cell(r['mem_ratio'], '.2f', 9)}")
+        lines.append(f"{r['variant']:<42} {cell(ms, '.2f', 10)} {cell(r['ratio'], '.3f', 7)}"
+                     f" {cell(r['peak_increase_MB'], '.1f', 9)} {cell(r['mem_ratio'], '.2f', 9)}")
     notes = list(result["notes"])
     if not result["memory"]:
         notes.append("memory not measured (--no-memory)")
