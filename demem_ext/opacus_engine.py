@@ -95,20 +95,15 @@ class OpacusEngine:
             yield
 
     def per_sample_grads(self, losses: torch.Tensor, params: Sequence[nn.Parameter],
-                         dtype: torch.dtype, out: Optional[FlatBuffer] = None) -> torch.Tensor:
+                         dtype: torch.dtype, out: FlatBuffer) -> torch.Tensor:
         """[B, P] per-sample gradients of losses [B] (computed by a forward with the hooks on).
 
-        The parameters' `.grad` is not touched; rows follow `params`, flattened, as `dtype` (into
-        `out` when given: the result is then a view of it, valid until its next use). Each layer's
-        per-sample gradients move into the result as soon as its backward hook has computed them.
+        The parameters' `.grad` is not touched; rows follow `params`, flattened, as `dtype`, in `out`
+        (the result is a view of it, valid until its next use). Each layer's per-sample gradients move
+        into the result as soon as its backward hook has computed them.
         """
         batch = losses.shape[0]
-        size = sum(p.numel() for p in params)
-        device = params[0].device
-        if out is None:
-            flat = torch.empty(batch, size, dtype=dtype, device=device)
-        else:
-            flat = out.rows(batch, size, dtype, device)
+        flat = out.rows(batch, sum(p.numel() for p in params), dtype, params[0].device)
         for p in params:
             p.grad_sample = None
         sink = _Sink(params, flat)

@@ -19,7 +19,7 @@ from typing import Any, Iterable, Optional, Sequence
 import torch
 from torch.autograd import DeviceType
 
-from demem_ext.bench import environment, cell, write_json
+from demem_ext.bench import cell, environment, write_json
 from demem_ext.bench.fused import DTYPES, RULE, Case, check_device, make_grads, parse_shapes
 
 # table key -> a substring of the kernel's name in the profiler (the copy: cudaMemcpy or a copy kernel)
@@ -99,7 +99,8 @@ def format_table(result: dict[str, Any]) -> str:
     for r in result["rows"]:
         lines.append(
             f"{r['B']:>5} {r['P']:>9} {r['dtype']:>5} | {cell(r['norms_us'], '.1f', 9)}"
-            f" {cell(r['prologue_us'], '.1f', 9)} {cell(r['sum_us'], '.1f', 9)} {cell(r['split_sum_us'], '.1f', 9)} {cell(r['copy_us'], '.1f', 9)} |"
+            f" {cell(r['prologue_us'], '.1f', 9)} {cell(r['sum_us'], '.1f', 9)} {cell(r['split_sum_us'], '.1f', 9)}"
+            f" {cell(r['copy_us'], '.1f', 9)} |"
             f" {cell(r['norms_GBps'], '.0f', 10)} {cell(r['sum_GBps'], '.0f', 9)} {cell(r['copy_GBps'], '.0f', 9)} |"
             f" {cell(r['norms_pct_of_copy'], '.0f', 8, '%')} {cell(r['sum_pct_of_copy'], '.0f', 7, '%')}"
             f" {cell(r['two_pass_pct_of_copy'], '.0f', 8, '%')}")

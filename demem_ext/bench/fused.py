@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from demem_ext import ops, reference
-from demem_ext.bench import environment, opacus_version, cell, write_json
+from demem_ext.bench import cell, environment, opacus_version, write_json
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
 LAM, K, MAX_GRAD_NORM, NOISE = 0.5, 1.0, 1.0, 1.0
