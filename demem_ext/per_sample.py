@@ -2,7 +2,9 @@
 
 `vmap(grad_and_value(f))` over the samples of a batch, where f evaluates the user's
 `loss_fn(model, *batch)` on a batch of one through `functional_call`, so that loss_fn may use the
-model in any way (submodules, several forward calls) and still be differentiated per sample.
+model in any way (submodules, several forward calls) and still be differentiated per sample. On the
+CPU, conv2d layers with a large weight on a small output map take a faster per-sample weight gradient
+(`demem_ext.per_sample_conv`).
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
+
+from demem_ext.per_sample_conv import SmallMapConv2d
 
 LossFn = Callable[..., torch.Tensor]
 
@@ -105,7 +109,8 @@ def per_sample_grads(
         return out[0]
 
     in_dims = (None,) + (0,) * len(batch)
-    grads, losses = vmap(grad_and_value(sample_loss), in_dims=in_dims, randomness="different")(
-        params, *batch
-    )
+    with SmallMapConv2d():
+        grads, losses = vmap(grad_and_value(sample_loss), in_dims=in_dims, randomness="different")(
+            params, *batch
+        )
     return flatten_into([grads[name] for name in params], losses.shape[0], dtype, out), losses.detach()
