@@ -431,7 +431,7 @@ class DeMem:
         """Add one backward call's Σ w_i·c_i·g_i to the pending sum; trace and stats."""
         total, parts, keep, losses = batch_sum
         if total is not None:
-            self._grad_sum = total if self._grad_sum is None else self._grad_sum + total
+            self._grad_sum = total if self._grad_sum is None else self._grad_sum.add_(total)
             self._count += int(keep.sum())
         if total is not None or self._world > 1:  # under torch.distributed every rank takes part
             self._params = params
@@ -534,9 +534,9 @@ class DeMem:
                 seed, offset = self._seed, self._offset
                 self._offset += math.ceil(total.numel() / 4)
             noise = functional.philox_normal(total.numel(), seed, offset, total.device, total.dtype)
-            total = total + cfg.noise_std * noise
+            total.add_(noise, alpha=cfg.noise_std)  # total is this step's own sum: updated in place
             self._noisy_batch_sizes.append(count)
-        grad = total / (cfg.expected_batch_size or count)
+        grad = total.div_(cfg.expected_batch_size or count)
         for p, g in zip(self._params, grad.split([p.numel() for p in self._params])):
             new = torch.empty_like(p)
             new.copy_(g.view(p.shape))
@@ -631,7 +631,7 @@ class DeMem:
             result, ok = self._sum_finite_rows(grads, scores[start:start + rows], chunk_config, pos)
             keep[pos[~ok]] = False
             if result is not None:
-                total = result.grad if total is None else total + result.grad
+                total = result.grad if total is None else total.add_(result.grad)  # the op's fresh output
                 parts.append(result)
         return _BatchSum(total, parts, keep, losses)
 
