@@ -9,13 +9,14 @@ CPU, conv2d layers with a large weight on a small output map take a faster per-s
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
-from demem_ext.per_sample_conv import SmallMapConv2d
+from demem_ext.per_sample_conv import SmallMapConv2d, unfold_conv_enabled
 
 LossFn = Callable[..., torch.Tensor]
 
@@ -109,7 +110,7 @@ def per_sample_grads(
         return out[0]
 
     in_dims = (None,) + (0,) * len(batch)
-    with SmallMapConv2d():
+    with SmallMapConv2d() if unfold_conv_enabled() else contextlib.nullcontext():
         grads, losses = vmap(grad_and_value(sample_loss), in_dims=in_dims, randomness="different")(
             params, *batch
         )

@@ -7,11 +7,13 @@ and a matrix product; `benchmarks/bench_conv_grads.py`). `SmallMapConv2d` is a T
 while active, sends such conv2d calls through `UnfoldConv2d`, whose backward writes the weight
 gradient as `grad_output @ unfold(input)ᵀ` — vmapped by torch.func into one batched matrix product.
 The forward and the input gradient are torch's own; every other call is left alone.
+`DEMEM_UNFOLD_CONV=0` in the environment turns the rule off (`unfold_conv_enabled`).
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence, Union
+import os
+from typing import Any, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +26,11 @@ from torch.overrides import TorchFunctionMode
 MIN_WEIGHT_PER_OUTPUT = 16384
 
 IntPair = Union[int, Sequence[int]]
+
+
+def unfold_conv_enabled() -> bool:
+    """False when DEMEM_UNFOLD_CONV=0 is set: the torch.func engine then keeps torch's own rule."""
+    return os.environ.get("DEMEM_UNFOLD_CONV", "1") != "0"
 
 
 def _pair(value: IntPair) -> tuple[int, int]:

@@ -168,6 +168,22 @@ def test_engine_per_sample_grads_with_routed_layers_equal_a_loop(monkeypatch) ->
         torch.testing.assert_close(losses[i], loss.detach())
 
 
+def test_environment_switch_turns_the_rule_off(monkeypatch) -> None:
+    recorder = _Recorder(monkeypatch)
+    model = _WideOnSmallMaps()
+    module = LossModule(model, lambda m, a, b: F.cross_entropy(m(a), b, reduction="none"))
+    params = {f"model.{n}": p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    batch = (torch.randn(3, 2, 4, 4), torch.randint(0, 3, (3,)))
+    monkeypatch.setenv("DEMEM_UNFOLD_CONV", "0")
+    off, _ = per_sample_grads(module, params, batch, torch.float32)
+    off = off.clone()
+    assert recorder.calls == 0
+    monkeypatch.setenv("DEMEM_UNFOLD_CONV", "1")
+    on, _ = per_sample_grads(module, params, batch, torch.float32)
+    assert recorder.calls == 2
+    torch.testing.assert_close(on, off, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("argv", [["--quick", "--repeats", "1"]])
 def test_conv_grads_benchmark(argv, tmp_path, capsys) -> None:
     from demem_ext.bench import conv_grads
