@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -184,18 +187,20 @@ def test_environment_switch_turns_the_rule_off(monkeypatch) -> None:
     torch.testing.assert_close(on, off, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("argv", [["--quick", "--repeats", "1"]])
-def test_conv_grads_benchmark(argv, tmp_path, capsys) -> None:
+def test_conv_grads_benchmark(tmp_path, capsys) -> None:
     from demem_ext.bench import conv_grads
 
     path = tmp_path / "conv.json"
-    assert conv_grads.main(argv + ["--json", str(path)]) == 0
+    switch = os.environ.get("DEMEM_UNFOLD_CONV")
+    assert conv_grads.main(["--quick", "--repeats", "1", "--steps", "1", "--json", str(path)]) == 0
     out = capsys.readouterr().out
-    assert "grouped/unfold" in out and "small map" in out
-    import json
-
-    rows = json.loads(path.read_text())["rows"]
+    assert "grouped/unfold" in out and "small map" in out and "per-sample, rule off" in out
+    data = json.loads(path.read_text())
+    rows = data["rows"]
     assert [r["layer"] for r in rows] == ["small map", "large map"]
     for r in rows:
         assert r["grouped_ms"] > 0 and r["unfold_ms"] > 0 and r["max_rel_diff"] < 1e-5
         assert r["grouped_over_unfold"] == pytest.approx(r["grouped_ms"] / r["unfold_ms"])
+    steps = data["steps"]
+    assert {"per-sample, rule on", "per-sample, rule off", "PGD-AT"} <= set(steps["median_s"])
+    assert steps["over_pgd"]["PGD-AT"] == 1.0 and os.environ.get("DEMEM_UNFOLD_CONV") == switch

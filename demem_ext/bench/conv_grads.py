@@ -11,12 +11,17 @@ respect to the weight and the input:
 (`per_sample_conv.routes`: weight elements >= MIN_WEIGHT_PER_OUTPUT x output-map elements); "max diff"
 is the largest difference between the two results relative to the largest gradient entry.
 
-    python -m demem_ext.bench.conv_grads [--rows 6] [--repeats 5] [--threads 1] [--json PATH]
+`--steps N` also times N interleaved ResNet-18 training steps (batch 64, PGD-3; the first is a
+warm-up) of the per-sample path with the rule on and off (DEMEM_UNFOLD_CONV), Opacus DP-SGD and plain
+PGD-AT, the variants of `demem_ext.bench.training`, in this one process.
+
+    python -m demem_ext.bench.conv_grads [--rows 6] [--repeats 5] [--steps 5] [--threads 1] [--json PATH]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import statistics
 import sys
@@ -110,6 +115,46 @@ def benchmark(layers: Sequence[Layer] = LAYERS, rows: int = 6, repeats: int = 5)
             "rows": [measure(layer, rows, repeats) for layer in layers]}
 
 
+# row name -> demem_ext.bench.training variant ("per-sample, rule off" runs with DEMEM_UNFOLD_CONV=0)
+STEP_VARIANTS = {"per-sample, rule on": "demem_dp", "per-sample, rule off": "demem_dp",
+                 "Opacus DP-SGD": "opacus", "PGD-AT": "pgd"}
+
+
+def step_ab(rounds: int, model: str = "resnet18", batch: int = 64, attack_steps: int = 3) -> dict[str, Any]:
+    """Median step time (s, after one warm-up round) of the per-sample path with the unfold rule on and
+    off, Opacus DP-SGD and plain PGD-AT, interleaved in a shuffled order every round."""
+    from demem_ext.bench import opacus_version, training
+
+    names = [n for n in STEP_VARIANTS if STEP_VARIANTS[n] != "opacus" or opacus_version() is not None]
+    steps = {n: training.make_variant(STEP_VARIANTS[n], model, batch, attack_steps, torch.device("cpu"))
+             for n in names}
+    times: dict[str, list[float]] = {n: [] for n in names}
+    saved = os.environ.get("DEMEM_UNFOLD_CONV")
+    try:
+        for _ in range(rounds):
+            for name in random.sample(names, len(names)):
+                os.environ["DEMEM_UNFOLD_CONV"] = "0" if name == "per-sample, rule off" else "1"
+                start = time.perf_counter()
+                steps[name]()
+                times[name].append(time.perf_counter() - start)
+    finally:
+        os.environ.pop("DEMEM_UNFOLD_CONV", None)
+        if saved is not None:
+            os.environ["DEMEM_UNFOLD_CONV"] = saved
+    med = {n: statistics.median(t[1:] or t) for n, t in times.items()}
+    return {"model": model, "batch": batch, "attack_steps": attack_steps, "rounds": rounds,
+            "median_s": med, "over_pgd": {n: med[n] / med["PGD-AT"] for n in names}}
+
+
+def format_steps(result: dict[str, Any]) -> str:
+    lines = [f"training step: {result['model']}, batch {result['batch']}, PGD-{result['attack_steps']}, median of "
+             f"{max(1, result['rounds'] - 1)} interleaved steps after 1 warm-up",
+             f"{'variant':<28} {'median s':>9} {'/ PGD-AT':>9}"]
+    for name, seconds in result["median_s"].items():
+        lines.append(f"{name:<28} {seconds:>9.2f} {result['over_pgd'][name]:>8.3f}x")
+    return "\n".join(lines)
+
+
 def format_table(result: dict[str, Any]) -> str:
     env = result["env"]
     head = (f"per-sample conv2d gradients (weight and input) of {result['rows_per_call']} samples under torch.func, "
@@ -134,16 +179,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    help="samples per call (default 6: the torch.func engine's chunk for a ResNet-18)")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per column")
     p.add_argument("--quick", action="store_true", help="two tiny layers (a smoke run)")
+    p.add_argument("--steps", type=int, default=0,
+                   help="also time this many interleaved ResNet-18 steps, rule on/off (default 0: none)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the table as JSON")
     args = p.parse_args(argv)
     for name in ("rows", "repeats"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1")
+    if args.steps < 0:
+        p.error("--steps must be >= 0")
     if args.threads:
         torch.set_num_threads(args.threads)
     result = benchmark(QUICK_LAYERS if args.quick else LAYERS, args.rows, args.repeats)
     print(format_table(result))
+    if args.steps:
+        result["steps"] = step_ab(args.steps, batch=8 if args.quick else 64, attack_steps=1 if args.quick else 3)
+        print()
+        print(format_steps(result["steps"]))
     write_json(args.json, result)
     return 0
 
