@@ -2,7 +2,7 @@
 
 Under `vmap(grad(...))` torch.func computes a conv2d's per-sample weight gradients as one grouped
 convolution (groups = samples). On the CPU that is slow for a large weight on a small output map
-(ResNet-18's 512-channel 4x4 layers: 114 ms for 6 samples, against 65 ms for an unfold of the input
+(ResNet-18's 512-channel 4x4 layers: 107 ms for 6 samples, against 51 ms for an unfold of the input
 and a matrix product; `benchmarks/bench_conv_grads.py`). `SmallMapConv2d` is a TorchFunctionMode that,
 while active, sends such conv2d calls through `UnfoldConv2d`, whose backward writes the weight
 gradient as `grad_output @ unfold(input)ᵀ` — vmapped by torch.func into one batched matrix product.
@@ -21,8 +21,9 @@ from torch.overrides import TorchFunctionMode
 
 # Route a conv2d when its weight has at least this many elements per element of its output map
 # (weight.numel() >= this * H_out * W_out). Measured on the project's CPU (docs/benchmarks.md): unfold +
-# matmul wins 1.3-3.6x at 512ch 4x4, 256->512ch 8->4, 640ch 8x8, 320->640ch 16->8 (ratio 29k-147k), ties
-# at 256ch 8x8 and the 1x1 256->512 shortcut (8-9k), loses up to 2x on large maps (64ch 32x32: 36).
+# matmul wins 1.5-2.2x at 512ch 4x4, 256->512ch 8->4, 640ch 8x8, 320->640ch 16->8 (ratio 29k-147k), ties or
+# wins a little at 256ch 8x8 (9k; routing it too made no ResNet-18 step faster), loses up to 2x on large
+# maps (64ch 32x32: 36).
 MIN_WEIGHT_PER_OUTPUT = 16384
 
 IntPair = Union[int, Sequence[int]]
