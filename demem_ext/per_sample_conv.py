@@ -35,7 +35,10 @@ def unfold_conv_enabled() -> bool:
 
 
 def _pair(value: IntPair) -> tuple[int, int]:
-    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
+    """conv2d's int-or-pair argument as a pair (a one-element sequence repeats, as in conv2d)."""
+    if isinstance(value, int):
+        return value, value
+    return (int(value[0]), int(value[0])) if len(value) == 1 else (int(value[0]), int(value[1]))
 
 
 class UnfoldConv2d(torch.autograd.Function):
@@ -83,8 +86,8 @@ def routes(x: Any, weight: Any, stride: IntPair, padding: Any, dilation: IntPair
     """Whether SmallMapConv2d sends this conv2d call through UnfoldConv2d."""
     if (groups != 1 or isinstance(padding, str) or not isinstance(x, torch.Tensor)
             or not isinstance(weight, torch.Tensor) or x.dim() != 4 or weight.dim() != 4
-            or x.device.type != "cpu"):
-        return False
+            or x.device.type != "cpu" or torch.is_autocast_enabled("cpu")):
+        return False  # autocast would hand the backward a grad_out of another dtype than x and weight
     elements = output_map_elements(x.shape[2:], weight.shape[2:], _pair(stride), _pair(padding), _pair(dilation))
     return 0 < elements and weight.numel() >= MIN_WEIGHT_PER_OUTPUT * elements
 

@@ -79,6 +79,9 @@ def test_routing_rule() -> None:
     assert not routes(x(512, 4), w(512, 512), 1, "same", 1, 1)  # string padding
     assert not routes(torch.zeros(512, 4, 4), w(512, 512), 1, 1, 1, 1)  # unbatched input
     assert not routes(x(512, 4).to("meta"), w(512, 512).to("meta"), 1, 1, 1, 1)  # not on the CPU
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not routes(x(512, 4), w(512, 512), 1, 1, 1, 1)
+    assert routes(x(512, 4), w(512, 512), [1], (1,), [1], 1)  # one-element sequences, as conv2d takes them
     assert output_map_elements((4, 4), (3, 3), (1, 1), (1, 1), (1, 1)) == 16
     assert output_map_elements((8, 7), (3, 1), (2, 2), (1, 0), (2, 1)) == 3 * 4
 
