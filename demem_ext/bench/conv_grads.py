@@ -48,6 +48,10 @@ class Layer:
     kernel: int = 3
     stride: int = 1
 
+    @property
+    def padding(self) -> int:
+        return self.kernel // 2
+
 
 LAYERS = (
     Layer("resnet18 conv1", 3, 64, 32),
@@ -71,7 +75,7 @@ QUICK_LAYERS = (Layer("small map", 64, 64, 2), Layer("large map", 4, 8, 16))
 
 def per_sample_grads_fn(layer: Layer, unfold: bool) -> Callable[[torch.Tensor, torch.Tensor], Any]:
     """vmap over samples of the gradient of sum(conv2d(x_i, w)²) with respect to (w, x_i)."""
-    stride, padding = (layer.stride, layer.stride), (layer.kernel // 2, layer.kernel // 2)
+    stride, padding = (layer.stride, layer.stride), (layer.padding, layer.padding)
 
     def loss(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         x = x.unsqueeze(0)
@@ -100,12 +104,11 @@ def measure(layer: Layer, rows: int, repeats: int, seed: int = 0) -> dict[str, A
             fns[name](weight, x)
             times[name].append(time.perf_counter() - start)
     med = {name: 1e3 * statistics.median(t) for name, t in times.items()}
-    stride, padding = layer.stride, layer.kernel // 2
     return {"layer": layer.name, "c_in": layer.c_in, "c_out": layer.c_out, "size": layer.size,
             "kernel": layer.kernel, "stride": layer.stride, "rows": rows,
             "grouped_ms": med["grouped"], "unfold_ms": med["unfold"],
             "grouped_over_unfold": med["grouped"] / med["unfold"],
-            "routed": routes(x, weight, stride, padding, 1, 1), "max_rel_diff": diff}
+            "routed": routes(x, weight, layer.stride, layer.padding, 1, 1), "max_rel_diff": diff}
 
 
 def benchmark(layers: Sequence[Layer] = LAYERS, rows: int = 6, repeats: int = 5) -> dict[str, Any]:
