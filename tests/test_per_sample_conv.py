@@ -16,6 +16,7 @@ from torch.func import grad, vmap
 from demem_ext import per_sample_conv
 from demem_ext.per_sample import LossModule, per_sample_grads
 from demem_ext.per_sample_conv import SmallMapConv2d, UnfoldConv2d, output_map_elements, routes
+from test_middleware import loss_fn, per_sample_reference
 
 PROPS = settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 
@@ -156,29 +157,27 @@ class _WideOnSmallMaps(nn.Module):
         return self.head(h.flatten(1))
 
 
+def _engine_inputs(model: nn.Module) -> tuple[LossModule, dict[str, torch.Tensor]]:
+    """The torch.func engine's loss module (cross-entropy per sample) and trainable parameters for `model`."""
+    params = {f"model.{n}": p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    return LossModule(model, loss_fn), params
+
+
 def test_engine_per_sample_grads_with_routed_layers_equal_a_loop(monkeypatch) -> None:
     recorder = _Recorder(monkeypatch)
     torch.manual_seed(0)
     model = _WideOnSmallMaps()
     x, y = torch.randn(5, 2, 4, 4), torch.randint(0, 3, (5,))
-    module = LossModule(model, lambda m, a, b: F.cross_entropy(m(a), b, reduction="none"))
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    grads, losses = per_sample_grads(module, {f"model.{n}": p.detach() for n, p in named}, (x, y), torch.float32)
+    grads, losses = per_sample_grads(*_engine_inputs(model), (x, y), torch.float32)
     assert recorder.calls == 2  # wide and frozen (its input gradient); not the stem (8 weights per element)
-    for i in range(5):
-        model.zero_grad()
-        loss = F.cross_entropy(model(x[i:i + 1]), y[i:i + 1])
-        loss.backward()
-        want = torch.cat([p.grad.flatten() for _, p in named])
-        torch.testing.assert_close(grads[i], want, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(losses[i], loss.detach())
+    want_grads, want_losses = per_sample_reference(model, x, y)
+    torch.testing.assert_close(grads, want_grads, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(losses, want_losses)
 
 
 def test_environment_switch_turns_the_rule_off(monkeypatch) -> None:
     recorder = _Recorder(monkeypatch)
-    model = _WideOnSmallMaps()
-    module = LossModule(model, lambda m, a, b: F.cross_entropy(m(a), b, reduction="none"))
-    params = {f"model.{n}": p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    module, params = _engine_inputs(_WideOnSmallMaps())
     batch = (torch.randn(3, 2, 4, 4), torch.randint(0, 3, (3,)))
     monkeypatch.setenv("DEMEM_UNFOLD_CONV", "0")
     off, _ = per_sample_grads(module, params, batch, torch.float32)

@@ -73,7 +73,7 @@ LAYERS = (
 QUICK_LAYERS = (Layer("small map", 64, 64, 2), Layer("large map", 4, 8, 16))
 
 
-def per_sample_grads_fn(layer: Layer, unfold: bool) -> Callable[[torch.Tensor, torch.Tensor], Any]:
+def vmapped_conv_grads(layer: Layer, unfold: bool) -> Callable[[torch.Tensor, torch.Tensor], Any]:
     """vmap over samples of the gradient of sum(conv2d(x_i, w)²) with respect to (w, x_i)."""
     stride, padding = (layer.stride, layer.stride), (layer.padding, layer.padding)
 
@@ -92,7 +92,7 @@ def measure(layer: Layer, rows: int, repeats: int, seed: int = 0) -> dict[str, A
     x = torch.randn(rows, layer.c_in, layer.size, layer.size, generator=gen)
     weight = torch.randn(layer.c_out, layer.c_in, layer.kernel, layer.kernel, generator=gen)
     weight /= (layer.c_in * layer.kernel ** 2) ** 0.5
-    fns = {"grouped": per_sample_grads_fn(layer, False), "unfold": per_sample_grads_fn(layer, True)}
+    fns = {"grouped": vmapped_conv_grads(layer, False), "unfold": vmapped_conv_grads(layer, True)}
     results = {name: fn(weight, x) for name, fn in fns.items()}  # also the warm-up
     scale = max(float(g.abs().max()) for g in results["grouped"])
     diff = max(float((a - b).abs().max()) for a, b in zip(results["grouped"], results["unfold"])) / scale
