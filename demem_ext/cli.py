@@ -1,4 +1,4 @@
-"""The `demem` command: train, eval."""
+"""The `demem` command: train, eval, audit, reproduce, bench."""
 
 from __future__ import annotations
 
@@ -15,9 +15,11 @@ from demem_ext.training import OPTIMIZERS, PATHS, SCHEDULES, TrainConfig
 
 _DEMEM_CHOICES = {"proxy": PROXIES, "selection": SELECTIONS, "threshold": THRESHOLDS, "clip_scope": CLIP_SCOPES}
 _DEMEM_TYPES = {"max_grad_norm": float, "expected_batch_size": int}
+DEFAULT_SHADOW_MODELS = 16
 
 
-def _add_train_args(p: argparse.ArgumentParser) -> None:
+def _add_train_args(p: argparse.ArgumentParser, run_flags: bool = True) -> None:
+    """The training configuration's flags; run_flags: also --resume and --final-autoattack (`demem train`)."""
     d = TrainConfig()
     g = p.add_argument_group("data and model")
     g.add_argument("--dataset", default=d.dataset, choices=["digits", "cifar10", "cifar100", "svhn"])
@@ -57,10 +59,12 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                        choices=_DEMEM_CHOICES.get(f.name), help=f"default {f.default!r}")
     g = p.add_argument_group("output")
     g.add_argument("--out", default=None, help="run folder (default runs/<dataset>-<at>-<time>)")
-    g.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
-    g.add_argument("--final-autoattack", default="none", choices=["standard", "fast", "none"],
-                   help="also run AutoAttack on the test split at the end")
+    if run_flags:
+        g.add_argument("--resume", action="store_true",
+                       help="continue the run in --out from its checkpoint (with the configuration stored there)")
+        g.add_argument("--final-autoattack", default="none", choices=["standard", "fast", "none"],
+                       help="also run AutoAttack on the test split at the end")
 
 
 def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -150,13 +154,14 @@ def cmd_audit(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     if not args.merge_only:
         shard = parse_shard(args.shard)
-        train_shadow_models(cfg, out, num_models=args.models, seed=args.keep_seed, shard=shard,
+        models = DEFAULT_SHADOW_MODELS if args.models is None else args.models
+        train_shadow_models(cfg, out, num_models=models, seed=args.keep_seed, shard=shard,
                             progress=not args.no_progress)
         if shard[1] > 1:
             print(f"shard {args.shard} done in {time.perf_counter() - start:.0f} s; "
                   f"merge with: demem audit --merge-only --out {out}")
             return 0
-    report = run_audit(load_stats(out), out)
+    report = run_audit(load_stats(out, num_models=args.models), out)
     print(format_report(report))
     print(f"wrote {out / 'audit.json'}, {out / 'roc.png'}, {out / 'memorization_hist.png'} "
           f"({time.perf_counter() - start:.0f} s)")
@@ -205,8 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.set_defaults(func=cmd_eval)
     p = sub.add_parser("audit", help="membership-inference audit of a training configuration (shadow models)")
-    _add_train_args(p)
-    p.add_argument("--models", type=int, default=16, help="shadow models M (each trains on a random half)")
+    _add_train_args(p, run_flags=False)  # shadow models always resume; no AutoAttack
+    p.add_argument("--models", type=int, default=None,
+                   help=f"shadow models M, each trained on a random half (default {DEFAULT_SHADOW_MODELS}; "
+                        "with --merge-only: the folder's, checked when given)")
     p.add_argument("--keep-seed", type=int, default=0, help="seed of the inclusion masks")
     p.add_argument("--shard", default="0/1", help="train only models i, i+n, ... (i/n); merge later")
     p.add_argument("--merge-only", action="store_true", help="only merge the saved stats and report")

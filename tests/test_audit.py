@@ -32,6 +32,18 @@ def test_audit_end_to_end_writes_report_and_plots(tmp_path: Path, capsys: pytest
     for png in ("roc.png", "memorization_hist.png"):
         assert (tmp_path / png).stat().st_size > 1000
     assert "TPR@0.1%" in capsys.readouterr().out
+    # merging again: --models, when given, must match the folder's
+    assert main(["audit", "--merge-only", "--out", str(tmp_path)]) == 0
+    assert main(["audit", "--merge-only", "--models", "5", "--out", str(tmp_path)]) == 2
+    assert "holds 3 models, not 5" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--resume", "--final-autoattack=fast"])
+def test_audit_refuses_the_run_only_flags_of_train(flag: str, capsys: pytest.CaptureFixture) -> None:
+    """Shadow models always resume and get no AutoAttack: audit does not take these train flags."""
+    with pytest.raises(SystemExit) as exc:
+        main(["audit", flag])
+    assert exc.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err
 
 
 def test_finished_models_are_skipped_and_shards_merge_to_the_same_result(tmp_path: Path) -> None:
