@@ -157,6 +157,21 @@ def test_training_benchmark_runs_one_step_of_each_variant_on_the_cnn() -> None:
     assert all(name in table for name in training.VARIANTS.values()) and "PGD-1" in table
 
 
+def test_training_benchmark_channels_last_runs_the_same_model_in_nhwc_memory() -> None:
+    model, x, y = training._setup("cnn", 4, CPU, channels_last=True)
+    ref_model, ref_x, ref_y = training._setup("cnn", 4, CPU)
+    assert x.is_contiguous(memory_format=torch.channels_last) and torch.equal(x, ref_x) and torch.equal(y, ref_y)
+    assert model.features[3].weight.is_contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref_model(ref_x))
+    result = training.benchmark("cnn", CPU, batch=4, attack_steps=1, steps=1, warmup=0, memory=False, opacus=False,
+                                channels_last=True)
+    assert result["memory_format"] == "channels_last"
+    assert "memory format channels_last" in training.format_table(result)
+    out = training._memory_cpu(["demem_dp"], "cnn", 8, 1, channels_last=True)["demem_dp"]
+    assert "error" not in out, out
+
+
 def test_tables_record_the_allocator_settings(monkeypatch) -> None:
     monkeypatch.delenv("LD_PRELOAD", raising=False)
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "2147483647")

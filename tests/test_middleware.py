@@ -192,6 +192,26 @@ def test_loss_fn_may_use_submodules_and_frozen_parameters():
     assert model[0].weight.grad is None and torch.equal(model[0].weight, frozen)
 
 
+@pytest.mark.parametrize("chunk_size", [None, 3])
+def test_channels_last_conv_model(chunk_size):
+    """A CNN in channels_last (NHWC) memory: the same update, and .grad in the parameter's layout."""
+    from demem_ext.models import build_model
+
+    cfg = DeMemConfig(lam=0.5, max_grad_norm=1.0)
+    torch.manual_seed(0)
+    model = build_model("cnn", 10, 1, "none").to(memory_format=torch.channels_last)
+    x = torch.rand(6, 1, 8, 8).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (6,))
+    expected = expected_grad(model, x, y, cfg)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    with dx.DeMem(model, opt, cfg, chunk_size=chunk_size) as dm:
+        dm.backward_per_sample(loss_fn, x, y)
+        opt.step()
+    grads = [p.grad for p in model.parameters()]  # what the wrapped step wrote (lr 1)
+    assert all(g.is_contiguous(memory_format=torch.channels_last) for g in grads if g.dim() == 4)
+    torch.testing.assert_close(torch.cat([g.flatten() for g in grads]), expected, rtol=1e-5, atol=1e-6)
+
+
 def test_float64_model():
     cfg = DeMemConfig(lam=0.5, max_grad_norm=0.3)
     model, (x, y) = make_model(dtype=torch.float64), make_data(dtype=torch.float64)

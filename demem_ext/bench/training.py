@@ -13,6 +13,8 @@ classes, batch 64, SGD. Variants, each on its own copy of the same model and bat
 
 Time: the variants run interleaved (one step each per round, in a shuffled order every round) after
 warm-up rounds; the table gives the median step time and its ratio to plain PGD-AT in this run.
+With `--channels-last` every variant's model and batch are in NHWC memory (PyTorch's channels_last,
+the layout oneDNN's CPU kernels prefer).
 Peak memory: on the CPU each variant runs in a fresh subprocess, which resets the kernel's peak-RSS
 mark (/proc/self/clear_refs) after building the model and reports the peak RSS increase over a
 warm-up step and a measured step (VmHWM; `ru_maxrss` where clear_refs is unavailable); on CUDA,
@@ -63,22 +65,26 @@ def defaults(model: str, device: torch.device, quick: bool) -> dict[str, int]:
     return {"batch": 64, "attack_steps": 10, "steps": 30 if model == "cnn" else 20, "warmup": 3}
 
 
-def _setup(model_name: str, batch: int, device: torch.device):
+def _setup(model_name: str, batch: int, device: torch.device, channels_last: bool = False):
     shape, norm = INPUT[model_name]
     torch.manual_seed(0)
     model = build_model(model_name, 10, shape[0], norm).to(device)
     x = torch.rand(batch, *shape, device=device)
+    if channels_last:  # PyTorch's NHWC layout for CNNs: the same numbers up to rounding
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (batch,), device=device)
     return model, x, y
 
 
 def make_variant(key: str, model_name: str, batch: int, attack_steps: int,
-                 device: torch.device) -> Callable[[], None]:
-    """One training step of variant `key` (see VARIANTS) as a closure."""
+                 device: torch.device, channels_last: bool = False) -> Callable[[], None]:
+    """One training step of variant `key` (see VARIANTS) as a closure (model and batch in NHWC
+    memory with channels_last)."""
     if key not in VARIANTS:
         raise ValueError(f"variant must be one of {list(VARIANTS)}, got {key!r}")
     objective = make_objective("pgd", eps=EPS, alpha=ALPHA, steps=attack_steps)
-    model, x, y = _setup(model_name, batch, device)
+    model, x, y = _setup(model_name, batch, device, channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
 
     if key == "pgd":
@@ -169,9 +175,10 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def probe_memory(key: str, model_name: str, batch: int, attack_steps: int, steps: int = 2) -> dict[str, Any]:
+def probe_memory(key: str, model_name: str, batch: int, attack_steps: int, steps: int = 2,
+                 channels_last: bool = False) -> dict[str, Any]:
     """Peak RSS increase (MB) of `steps` steps of one variant, in this process (meant for a fresh one)."""
-    fn = make_variant(key, model_name, batch, attack_steps, torch.device("cpu"))
+    fn = make_variant(key, model_name, batch, attack_steps, torch.device("cpu"), channels_last)
     baseline_kb = _status_kb("VmRSS")
     reset = _reset_peak_rss()
     for _ in range(steps):
@@ -185,7 +192,8 @@ def probe_memory(key: str, model_name: str, batch: int, attack_steps: int, steps
             "peak_increase_MB": max(0, peak_kb - base) / 1024, "method": how}
 
 
-def _memory_cpu(keys: Sequence[str], model_name: str, batch: int, attack_steps: int) -> dict[str, dict]:
+def _memory_cpu(keys: Sequence[str], model_name: str, batch: int, attack_steps: int,
+                channels_last: bool = False) -> dict[str, dict]:
     """Each variant's probe in a fresh interpreter (same threads), so that peaks do not mix."""
     out: dict[str, dict] = {}
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -193,6 +201,7 @@ def _memory_cpu(keys: Sequence[str], model_name: str, batch: int, attack_steps: 
     for key in keys:
         cmd = [sys.executable, "-m", "demem_ext.bench.training", "--probe-memory", key, "--model", model_name,
                "--batch", str(batch), "--attack-steps", str(attack_steps), "--threads", str(torch.get_num_threads())]
+        cmd += ["--channels-last"] if channels_last else []
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
         if proc.returncode != 0 or not lines:
@@ -220,7 +229,7 @@ def _memory_cuda(fns: dict[str, Callable[[], None]], device: torch.device) -> di
 def benchmark(model_name: str = "cnn", device: torch.device | str = "cpu", *, quick: bool = False,
               batch: Optional[int] = None, attack_steps: Optional[int] = None, steps: Optional[int] = None,
               warmup: Optional[int] = None, memory: bool = True, opacus: bool = True,
-              seed: int = 0) -> dict[str, Any]:
+              seed: int = 0, channels_last: bool = False) -> dict[str, Any]:
     """Time (and measure the memory of) every variant on one model; a JSON-able dict with the rows."""
     if model_name not in MODELS:
         raise ValueError(f"model must be one of {list(MODELS)}, got {model_name!r}")
@@ -239,7 +248,7 @@ def benchmark(model_name: str = "cnn", device: torch.device | str = "cpu", *, qu
     elif opacus_version() is None:
         keys = [k for k in keys if k not in opacus_keys]
         notes.append("Opacus is not installed: its rows are n/a (pip install opacus, or the dev extra)")
-    fns = {key: make_variant(key, model_name, batch, attack_steps, device) for key in keys}
+    fns = {key: make_variant(key, model_name, batch, attack_steps, device, channels_last) for key in keys}
     params = sum(p.numel() for p in _setup(model_name, 1, torch.device("cpu"))[0].parameters())
 
     for _ in range(warmup):
@@ -259,7 +268,8 @@ def benchmark(model_name: str = "cnn", device: torch.device | str = "cpu", *, qu
 
     mem: dict[str, dict] = {}
     if memory:
-        mem = _memory_cuda(fns, device) if device.type == "cuda" else _memory_cpu(keys, model_name, batch, attack_steps)
+        mem = (_memory_cuda(fns, device) if device.type == "cuda"
+               else _memory_cpu(keys, model_name, batch, attack_steps, channels_last))
     base_t = statistics.median(times["pgd"])
     base_m = mem.get("pgd", {}).get("peak_increase_MB")
     rows = []
@@ -279,6 +289,7 @@ def benchmark(model_name: str = "cnn", device: torch.device | str = "cpu", *, qu
         rows.append(row)
     return {"model": model_name, "params": params, "batch": batch, "attack_steps": attack_steps, "steps": steps,
             "warmup": warmup, "device": device.type, "quick": quick, "memory": memory,
+            "memory_format": "channels_last" if channels_last else "contiguous",
             "env": environment(device), "rows": rows, "notes": notes}
 
 
@@ -289,7 +300,8 @@ def format_table(result: dict[str, Any]) -> str:
     lines = [f"training step: {result['model']} ({result['params'] / 1e6:.2f}M params), batch {result['batch']}, "
              f"PGD-{result['attack_steps']}, median of {result['steps']} interleaved steps after {result['warmup']} "
              f"warm-up | device {result['device']} | {where} | backend {env['backend']} | opacus "
-             f"{env['opacus'] or 'n/a'} | load avg {env['loadavg_1min']} | allocator "
+             f"{env['opacus'] or 'n/a'} | load avg {env['loadavg_1min']} | memory format "
+             f"{result.get('memory_format', 'contiguous')} | allocator "
              f"{' '.join(f'{k}={v}' for k, v in env.get('allocator', {}).items()) or 'default'}"]
     head = f"{'variant':<42} {'median ms':>10} {'ratio':>7} {'peak MB':>9} {'mem ratio':>9}"
     lines += [head + f"   (memory: {mem_how})", "-" * len(head)]
@@ -319,6 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     parser.add_argument("--no-opacus", action="store_true", help="leave out the Opacus variant")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="model and batch in channels_last (NHWC) memory, for every variant")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the table(s) as JSON")
     parser.add_argument("--probe-memory", default=None, choices=list(VARIANTS), help=argparse.SUPPRESS)
     return parser
@@ -332,7 +346,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         model = "cnn" if args.model == "all" else args.model
         d = defaults(model, torch.device("cpu"), False)
         print(json.dumps(probe_memory(args.probe_memory, model, args.batch or d["batch"],
-                                      d["attack_steps"] if args.attack_steps is None else args.attack_steps)))
+                                      d["attack_steps"] if args.attack_steps is None else args.attack_steps,
+                                      channels_last=args.channels_last)))
         return 0
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -342,7 +357,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for name in (MODELS if args.model == "all" else [args.model]):
         result = benchmark(name, device, quick=args.quick, batch=args.batch, attack_steps=args.attack_steps,
                            steps=args.steps, warmup=args.warmup, memory=not args.no_memory,
-                           opacus=not args.no_opacus)
+                           opacus=not args.no_opacus, channels_last=args.channels_last)
         print(format_table(result), flush=True)
         print()
         results.append(result)
