@@ -15,6 +15,7 @@ from torch import nn
 import demem_ext as dx
 from demem_ext import middleware, reference
 from demem_ext.config import DeMemConfig
+from demem_ext.models import build_model
 from demem_ext.per_sample import FlatBuffer, flatten_into
 from demem_ext.privacy import accounting
 
@@ -195,8 +196,6 @@ def test_loss_fn_may_use_submodules_and_frozen_parameters():
 @pytest.mark.parametrize("chunk_size", [None, 3])
 def test_channels_last_conv_model(chunk_size):
     """A CNN in channels_last (NHWC) memory: the same update, and .grad in the parameter's layout."""
-    from demem_ext.models import build_model
-
     cfg = DeMemConfig(lam=0.5, max_grad_norm=1.0)
     torch.manual_seed(0)
     model = build_model("cnn", 10, 1, "none").to(memory_format=torch.channels_last)

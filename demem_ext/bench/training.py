@@ -301,7 +301,7 @@ def format_table(result: dict[str, Any]) -> str:
              f"PGD-{result['attack_steps']}, median of {result['steps']} interleaved steps after {result['warmup']} "
              f"warm-up | device {result['device']} | {where} | backend {env['backend']} | opacus "
              f"{env['opacus'] or 'n/a'} | load avg {env['loadavg_1min']} | memory format "
-             f"{result.get('memory_format', 'contiguous')} | allocator "
+             f"{result['memory_format']} | allocator "
              f"{' '.join(f'{k}={v}' for k, v in env.get('allocator', {}).items()) or 'default'}"]
     head = f"{'variant':<42} {'median ms':>10} {'ratio':>7} {'peak MB':>9} {'mem ratio':>9}"
     lines += [head + f"   (memory: {mem_how})", "-" * len(head)]
