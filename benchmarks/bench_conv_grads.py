@@ -4,7 +4,7 @@
     python benchmarks/bench_conv_grads.py --rows 16 --json out.json
 
 A thin wrapper: the logic is in demem_ext/bench/conv_grads.py; the routing rule it reports is
-demem_ext/per_sample_conv.py's.
+demem_ext/grad_sample/conv_rule.py's.
 """
 
 from __future__ import annotations

@@ -1,15 +1,9 @@
 // demem_ext._C: the DeMem custom operators (torch.ops.demem.*), their CPU implementations, the
 // registrations of the CUDA implementations (cuda_kernels.cu), and a small pybind11 module.
 //
-// Schemas (kept in sync with demem_ext/ops.py, which registers the fake implementations):
-//   demem::weights(Tensor scores, float lam, str selection, str threshold, float k, float quantile,
-//                  float tau, float temperature) -> (Tensor weights, Tensor risk)
-//   demem::philox_normal(int n, int seed, int offset, Device device) -> Tensor
-//   demem::fused_step(Tensor grads, Tensor scores, Tensor? weights, float lam, str selection,
-//                     str threshold, float k, float quantile, float tau, float temperature,
-//                     float? max_grad_norm, float noise_multiplier, str clip_scope, float denom,
-//                     int seed, int offset)
-//       -> (Tensor grad, Tensor weights, Tensor risk, Tensor norms, Tensor coeff)
+// Schemas: declared here once (TORCH_LIBRARY at the end of this file). demem_ext/ops/loader.py registers
+// their fake kernels and, without this extension, defines the same ops with the reference as their kernel
+// (tests/ops/test_schema.py compares the two). `seed` is the signed int64 with the unsigned seed's bits.
 //
 // philox_normal has no tensor argument, so the dispatcher cannot pick a backend from its inputs.
 // It is registered once, as a CompositeExplicitAutograd kernel (the dispatcher uses it for every
@@ -212,14 +206,12 @@ Tensor philox_normal_op(int64_t n, int64_t seed, int64_t offset, c10::Device dev
   if (device.is_cuda()) {
 #ifdef DEMEM_WITH_CUDA
     return philox_normal_cuda(n, static_cast<uint64_t>(seed), static_cast<uint64_t>(offset), device);
-#else
-    TORCH_CHECK(false, op, ": device is ", device, " but demem_ext._C was built without its CUDA kernels");
 #endif
   }
-  TORCH_CHECK(device.is_cpu(), op, ": device must be cpu or cuda, got ", device);
+  TORCH_CHECK(device.is_cpu() || device.is_cuda(), op, ": device must be cpu or cuda, got ", device);
   Tensor out = at::empty({n}, at::TensorOptions().dtype(at::kFloat).device(at::kCPU));
   philox_normal_cpu_kernel(out.data_ptr<float>(), n, static_cast<uint64_t>(seed), static_cast<uint64_t>(offset));
-  return out;
+  return device.is_cuda() ? out.to(device) : out;  // built without CUDA kernels: the CPU stream, moved
 }
 
 // ------------------------------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """demem-ext: privacy-enhanced robust adversarial learning via de-memorization (DeMem)."""
 
-from demem_ext.autograd import demem_loss
+from demem_ext.ops.autograd import demem_loss
 from demem_ext.config import DeMemConfig
-from demem_ext.functional import FusedResult, NonFiniteError, demem_weights, fused_step, philox_normal
+from demem_ext.ops.functional import FusedResult, NonFiniteError, demem_weights, fused_step, philox_normal
 from demem_ext.middleware import DeMem, DeMemStats
 from demem_ext.ops import backend
 

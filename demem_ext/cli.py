@@ -90,7 +90,7 @@ def _print_table(title: str, result: dict[str, Any]) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from demem_ext import distributed
+    from demem_ext.middleware import process_group as distributed
     from demem_ext.adversarial.robustness import evaluate
     from demem_ext.training import CHECKPOINT_NAME, torch_distributed_group, train
 
@@ -118,7 +118,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from demem_ext.adversarial.robustness import evaluate
-    from demem_ext.checkpoint import load_checkpoint
+    from demem_ext.training.checkpoint import load_checkpoint
     from demem_ext.training import TrainConfig, build
 
     payload = load_checkpoint(args.checkpoint, expected_format="demem-ext/train-v1")
@@ -145,8 +145,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    from demem_ext.privacy.audit import format_report, run_audit
-    from demem_ext.privacy.shadow import load_stats, parse_shard, train_shadow_models
+    from demem_ext.audit.report import format_report, run_audit
+    from demem_ext.audit.shadow import load_stats, parse_shard, train_shadow_models
 
     cfg = train_config_from_args(args)
     out = Path(args.out) if args.out else Path("runs") / f"audit-{cfg.dataset}-{cfg.at}"

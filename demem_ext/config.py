@@ -1,4 +1,4 @@
-"""DeMemConfig: the one frozen configuration of the DeMem rule (DESIGN.md section 2)."""
+"""DeMemConfig: the one frozen configuration of the DeMem rule (docs/design.md, "The rule")."""
 
 from __future__ import annotations
 
@@ -89,6 +89,11 @@ class DeMemConfig:
         if unknown:
             raise ValueError(f"unknown DeMemConfig field(s): {', '.join(sorted(unknown))}")
         return dataclasses.replace(self, **changes)
+
+    @property
+    def needs_per_sample_grads(self) -> bool:
+        """Whether the rule clips or adds noise, which needs per-sample gradients (the per-sample path)."""
+        return self.max_grad_norm is not None or self.noise_multiplier > 0
 
     @property
     def noise_std(self) -> float:

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 
 import demem_ext as dx
 from demem_ext.adversarial import pgd
-from demem_ext.data import load_digits
+from demem_ext.training.data import load_digits
 
 
 def main() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from demem_ext.privacy import accounting
+from demem_ext import accounting
 
 opacus_rdp = pytest.importorskip("opacus.accountants.analysis.rdp")
 

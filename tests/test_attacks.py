@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from demem_ext.adversarial import eval_mode, fgsm, pgd
-from demem_ext.data import load_digits
+from demem_ext.training.data import load_digits
 
 EPS = 0.1
 

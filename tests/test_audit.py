@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from demem_ext.cli import main
-from demem_ext.privacy import lira, metrics
-from demem_ext.privacy.shadow import inclusion_masks, load_stats, model_dir, parse_shard, train_shadow_models
+from demem_ext.audit import lira, metrics
+from demem_ext.audit.shadow import inclusion_masks, load_stats, model_dir, parse_shard, train_shadow_models
 from demem_ext.training import TrainConfig
 
 TINY = TrainConfig(epochs=1, attack_steps=1, batch_size=256, demem={"lam": 0.5})

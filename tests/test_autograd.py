@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import demem_ext as dx
-from demem_ext import reference
+from demem_ext.ops import reference
 from demem_ext.config import DeMemConfig
 
 

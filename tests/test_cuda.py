@@ -13,7 +13,9 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 
-from demem_ext import ops, reference
+from demem_ext import ops
+from demem_ext.ops import loader
+from demem_ext.ops import reference
 
 HAVE_CUDA = ops.extension_loaded() and ops.extension_has_cuda() and torch.cuda.is_available()
 pytestmark = [
@@ -40,13 +42,13 @@ def cuda_fused(*args):
     for i in (0, 1, 2):
         if isinstance(args[i], torch.Tensor):
             args[i] = args[i].to(CUDA)
-    args[-2] = ops._signed64(args[-2])
+    args[-2] = loader.to_signed64(args[-2])
     return torch.ops.demem.fused_step(*args)
 
 
 def cpu_fused(*args):
     args = list(args)
-    args[-2] = ops._signed64(args[-2])
+    args[-2] = loader.to_signed64(args[-2])
     return torch.ops.demem.fused_step(*args)
 
 

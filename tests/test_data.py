@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader
 from torchvision import transforms
 
-from demem_ext.data import DATASETS, load_dataset, load_digits
+from demem_ext.training.data import DATASETS, load_dataset, load_digits
 
 
 def test_digits_shapes_range_labels():

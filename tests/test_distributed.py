@@ -384,7 +384,7 @@ def test_torchrun_train_writes_a_checkpoint_and_resumes(tmp_path: Path) -> None:
     The first run is stopped after epoch 1 (its checkpoint is edited to say so: as if killed),
     the resume trains epoch 2 on both ranks.
     """
-    from demem_ext.checkpoint import load_checkpoint, save_checkpoint
+    from demem_ext.training.checkpoint import load_checkpoint, save_checkpoint
 
     out = tmp_path / "run"
     first = _torchrun_train(out, "--epochs", "1")

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats as sps
 
-from demem_ext.privacy import lira, metrics
+from demem_ext.audit import lira, metrics
 
 N = 1000
 

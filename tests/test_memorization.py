@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from demem_ext.privacy import memorization
+from demem_ext.audit import memorization
 
 
 def test_planted_memorization_scores():

@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from demem_ext.privacy.metric_attacks import (METRIC_ATTACKS, confidence_score, entropy_score, loss_score,
+from demem_ext.audit.metric_attacks import (METRIC_ATTACKS, confidence_score, entropy_score, loss_score,
                                               modified_entropy_score)
 
 FINITE_FLOAT32 = st.floats(allow_nan=False, allow_infinity=False, width=32)

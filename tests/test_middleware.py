@@ -13,11 +13,12 @@ import torch.nn.functional as F
 from torch import nn
 
 import demem_ext as dx
-from demem_ext import middleware, reference
+from demem_ext import middleware
+from demem_ext.ops import reference
 from demem_ext.config import DeMemConfig
-from demem_ext.models import build_model
-from demem_ext.per_sample import FlatBuffer, flatten_into
-from demem_ext.privacy import accounting
+from demem_ext.training.models import build_model
+from demem_ext.grad_sample.torch_func import FlatBuffer, flatten_into
+from demem_ext import accounting
 
 B = 8
 

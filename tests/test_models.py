@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from demem_ext.models import (
+from demem_ext.training.models import (
     MODELS,
     ResNet18,
     SmallCNN,

@@ -11,8 +11,8 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from demem_ext.adversarial import MART, OBJECTIVES, PGDAT, TRADES, PlainObjective, make_objective
-from demem_ext.data import load_digits
-from demem_ext.models import SmallCNN
+from demem_ext.training.data import load_digits
+from demem_ext.training.models import SmallCNN
 
 ALL = [PlainObjective(steps=2), PGDAT(steps=2), TRADES(steps=2), MART(steps=2, beta=3.0)]
 

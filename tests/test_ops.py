@@ -30,7 +30,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from demem_ext import ops, reference
+from demem_ext import ops
+from demem_ext.ops import loader
+from demem_ext.ops import reference
 
 EXT = ops.extension_loaded()
 needs_ext = pytest.mark.skipif(not EXT, reason="compiled extension demem_ext._C not loaded")
@@ -53,7 +55,7 @@ IMPLS = ["reference"] + (["extension"] if EXT else [])
 
 def run_fused(impl: str, *args):
     if impl == "extension":
-        return torch.ops.demem.fused_step(*args[:-2], ops._signed64(args[-2]), args[-1])
+        return torch.ops.demem.fused_step(*args[:-2], loader.to_signed64(args[-2]), args[-1])
     return reference.fused_step(*args)
 
 

@@ -1,4 +1,4 @@
-"""The unfold + matmul per-sample conv2d weight gradient (demem_ext.per_sample_conv) against torch's own."""
+"""The unfold + matmul per-sample conv2d weight gradient (demem_ext.grad_sample.conv_rule) against torch's own."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.func import grad, vmap
 
-from demem_ext import per_sample_conv
-from demem_ext.per_sample import LossModule, per_sample_grads
-from demem_ext.per_sample_conv import SmallMapConv2d, UnfoldConv2d, output_map_elements, routes
+from demem_ext.grad_sample import conv_rule as per_sample_conv
+from demem_ext.grad_sample.torch_func import LossModule, per_sample_grads
+from demem_ext.grad_sample.conv_rule import SmallMapConv2d, UnfoldConv2d, output_map_elements, routes
 from test_middleware import loss_fn, per_sample_reference
 
 PROPS = settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])

@@ -12,7 +12,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from demem_ext import ops, reference
+from demem_ext import ops
+from demem_ext.ops import reference
 
 EXT = ops.extension_loaded()
 needs_ext = pytest.mark.skipif(not EXT, reason="compiled extension demem_ext._C not loaded")

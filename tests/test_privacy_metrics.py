@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from demem_ext.privacy import metrics
+from demem_ext.audit import metrics
 
 # members score 0.9, 0.8, 0.6; non-members 0.7, 0.5, 0.4
 SCORES = [0.9, 0.8, 0.7, 0.6, 0.5, 0.4]

@@ -116,7 +116,7 @@ def test_lambda_choice_rule() -> None:
 def test_diverged_configuration_is_recorded_and_not_retrained(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """λ > 1 can diverge: the run records it, reports it and goes on; a rerun does not train it again."""
     import demem_ext.reproduce as rep
-    from demem_ext.functional import NonFiniteError
+    from demem_ext.ops.functional import NonFiniteError
 
     real = rep.train_shadow_models
     calls: list[float] = []
@@ -150,7 +150,7 @@ def test_folder_of_another_configuration_is_refused(tmp_path: Path) -> None:
     kwargs = dict(models=2, epochs=1, configs=["pgd-demem-l1"], autoattack="none", eval_limit=16,
                   base_overrides={"attack_steps": 1, "batch_size": 256}, log=_quiet)
     reproduce(tmp_path, **kwargs)
-    from demem_ext.checkpoint import load_checkpoint, save_checkpoint
+    from demem_ext.training.checkpoint import load_checkpoint, save_checkpoint
 
     keep = load_checkpoint(tmp_path / "pgd-demem-l1" / "keep.pt")
     keep["settings"]["config"]["demem"]["k"] = 2.0

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from demem_ext.checkpoint import load_checkpoint, save_checkpoint
+from demem_ext.training.checkpoint import load_checkpoint, save_checkpoint
 from demem_ext.training import CHECKPOINT_NAME, METRICS_NAME, TrainConfig, train
 
 TINY = dict(epochs=3, batch_size=128, attack_steps=2, seed=3)

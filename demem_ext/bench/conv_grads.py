@@ -5,7 +5,7 @@ interleaved (a shuffled order every round), `vmap(grad(...))` of a conv2d's outp
 respect to the weight and the input:
 
 - grouped: torch.func's own batching rule (the weight gradient as one convolution with groups = R);
-- unfold:  `demem_ext.per_sample_conv.UnfoldConv2d` (the weight gradient as grad_out @ unfold(x)ᵀ).
+- unfold:  `demem_ext.grad_sample.conv_rule.UnfoldConv2d` (the weight gradient as grad_out @ unfold(x)ᵀ).
 
 "routed" says whether the torch.func engine takes the unfold path for this layer on the CPU
 (`per_sample_conv.routes`: weight elements >= MIN_WEIGHT_PER_OUTPUT x output-map elements); "max diff"
@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch.func import grad, vmap
 
 from demem_ext.bench import cell, environment, write_json
-from demem_ext.per_sample_conv import MIN_WEIGHT_PER_OUTPUT, UnfoldConv2d, routes
+from demem_ext.grad_sample.conv_rule import MIN_WEIGHT_PER_OUTPUT, UnfoldConv2d, routes
 
 
 @dataclass(frozen=True)
@@ -172,7 +172,7 @@ def format_table(result: dict[str, Any]) -> str:
             f"{cell(r['grouped_over_unfold'], '.2f', 13, 'x')} | {'yes' if r['routed'] else 'no':>6} "
             f"{cell(r['max_rel_diff'], '.1e', 9)}")
     lines.append(f"routed: weight elements >= {result['min_weight_per_output']} x output-map elements "
-                 "(demem_ext.per_sample_conv.MIN_WEIGHT_PER_OUTPUT); CPU only")
+                 "(demem_ext.grad_sample.conv_rule.MIN_WEIGHT_PER_OUTPUT); CPU only")
     return "\n".join(lines)
 
 

@@ -8,7 +8,7 @@ order every round so that machine noise hits all columns alike:
 - ref:    the plain PyTorch composition a user would write (`torch_step`): row norms
           (`torch.linalg.vector_norm`), clip factors, weights, ONE matrix-vector product coeffᵀG,
           `torch.randn` noise, add;
-- exact:  `demem_ext.reference.fused_step`, the bit-exact reference (float64 norms, Philox in integer
+- exact:  `demem_ext.ops.reference.fused_step`, the bit-exact reference (float64 norms, Philox in integer
           arithmetic; written for clarity, slow; skipped above --exact-max-elements);
 - opacus: Opacus's own DP-SGD clip + accumulate + noise + scale (`DPOptimizer.pre_step()`) on
           `p.grad_sample` tensors holding the same G, for a model whose parameters have P elements
@@ -37,7 +37,8 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from demem_ext import ops, reference
+from demem_ext import ops
+from demem_ext.ops import reference
 from demem_ext.bench import cell, environment, opacus_version, write_json
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
@@ -331,7 +332,7 @@ def format_table(result: dict[str, Any]) -> str:
     notes += sorted({n for r in result["rows"] for n in r["notes"] if "opacus" in n})
     lines += [f"note: {n}" for n in notes]
     lines.append("GB/s: (B*P*itemsize + 4*P) bytes / time; copy GB/s: 2*B*P*itemsize / time (read + write). "
-                 "ref = plain PyTorch composition, exact = demem_ext.reference.fused_step, "
+                 "ref = plain PyTorch composition, exact = demem_ext.ops.reference.fused_step, "
                  "opacus = DPOptimizer.pre_step() on the same per-sample gradients."
                  + (" 2pass%copy: (2*B*P*itemsize + 4*P) bytes / time over copy GB/s (the kernel's two reads of G)."
                     if two_pass else ""))

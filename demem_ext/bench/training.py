@@ -41,7 +41,7 @@ import torch.nn.functional as F
 import demem_ext as dx
 from demem_ext.adversarial import make_objective
 from demem_ext.bench import cell, environment, opacus_version, write_json
-from demem_ext.models import build_model
+from demem_ext.training.models import build_model
 
 MODELS = ("cnn", "resnet18")
 VARIANTS = {

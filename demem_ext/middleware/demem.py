@@ -5,12 +5,12 @@ Two paths lead to the wrapped `optimizer.step()`:
 - `dm.backward(per_sample_losses)`: the weighting path. An ordinary `loss.backward()` of
   L = (1/D)·Σ w_i·ℓ_i; no per-sample gradients, no clipping, no noise.
 - `dm.backward_per_sample(loss_fn, *batch)`: the clipping/noise path. Per-sample gradients from
-  torch.func (`demem_ext.per_sample`), in chunks of bounded memory, reduced by the fused op to
+  torch.func (`demem_ext.grad_sample.torch_func`), in chunks of bounded memory, reduced by the fused op to
   Σ w_i·c_i·g_i and accumulated until the step, which adds the noise once, divides by D and writes
   the result into the parameters' `.grad` before calling the optimizer's own step.
 
 Under torch.distributed (world size > 1) both paths give the update of one process holding the
-global batch; the collectives are in `demem_ext.distributed` (see the DeMem docstring).
+global batch; the collectives are in `demem_ext.middleware.process_group` (see the DeMem docstring).
 """
 
 from __future__ import annotations
@@ -28,19 +28,13 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence
 import torch
 from torch import nn
 
-from demem_ext import distributed, functional, reference
-from demem_ext.autograd import demem_loss
+from demem_ext import accounting
 from demem_ext.config import DeMemConfig
-from demem_ext.opacus_engine import OpacusEngine
-from demem_ext.per_sample import (
-    FlatBuffer,
-    LossModule,
-    check_loss_shape,
-    flat_dtype,
-    per_sample_grads,
-    trainable_parameters,
-)
-from demem_ext.privacy import accounting
+from demem_ext.grad_sample import FlatBuffer, LossModule, check_loss_shape, flat_dtype, per_sample_grads, trainable_parameters
+from demem_ext.grad_sample.opacus_hooks import OpacusEngine
+from demem_ext.middleware import process_group as distributed
+from demem_ext.ops import functional, rule as reference
+from demem_ext.ops.autograd import demem_loss
 
 # Default chunks of the torch.func engine: a quarter of the batch (at least CHUNK_MIN_ROWS rows), so that
 # the per-sample gradients held at once stay well below one [B, P] matrix, and at most

@@ -27,12 +27,12 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 
-from demem_ext.checkpoint import load_checkpoint, write_text_atomic
+from demem_ext.training.checkpoint import load_checkpoint, write_text_atomic
 from demem_ext.config import DeMemConfig
-from demem_ext.functional import NonFiniteError
-from demem_ext.reproduce_report import (accuracy_by_memorization, plot_accuracy_by_memorization, plot_tradeoff,
+from demem_ext.ops.functional import NonFiniteError
+from demem_ext.reproduce.report import (accuracy_by_memorization, plot_accuracy_by_memorization, plot_tradeoff,
                                         write_results)
-from demem_ext.privacy.shadow import (STATS_FORMAT, load_stats, missing_models, model_dir, prepare_masks,
+from demem_ext.audit.shadow import (STATS_FORMAT, load_stats, missing_models, model_dir, prepare_masks,
                                       train_shadow_models)
 from demem_ext.training import TrainConfig
 
@@ -368,7 +368,7 @@ def _evaluate(c: Configuration, out: Path, num_models: int, autoattack: str, eva
 def _run_configuration(c: Configuration, out: Path, num_models: int, autoattack: str, eval_limit: Optional[int],
                        log: Callable[[str], None]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Audit (always recomputed from the saved stats: cheap) and the cached model-0 evaluation."""
-    from demem_ext.privacy.audit import run_audit
+    from demem_ext.audit.report import run_audit
 
     folder = out / c.folder
     stats = load_stats(folder, num_models)
@@ -390,7 +390,7 @@ def _add_bootstrap(rows: Sequence[dict[str, Any]], pairs: dict[str, tuple[torch.
     the same resamples, of its relative change from its family's baseline (PGD-AT or TRADES)."""
     import numpy as np
 
-    from demem_ext.privacy import metrics
+    from demem_ext.audit import metrics
 
     if not pairs:
         return
@@ -531,7 +531,7 @@ def reproduce(out_dir: str | Path, quick: bool = False, dataset: str = "digits",
     ordered = [rows[s] for s in ALL_SLUGS if s in rows]
     plots: dict[str, Optional[str]] = {}
     curves = {}
-    from demem_ext.privacy import lira, metrics
+    from demem_ext.audit import lira, metrics
 
     pairs = {}
     for r in ordered:

@@ -1,0 +1,172 @@
+"""Shadow models for membership inference: seeded inclusion masks, resumable and shardable training,
+and per-sample statistics of every model on the whole population (natural and adversarial queries).
+
+Layout of an audit folder:
+    keep.pt                       inclusion masks keep[M, N] (bool) and the audit settings
+    models/model_007/checkpoint.pt, metrics.jsonl   the training run of model 7
+    models/model_007/stats.pt     its statistics on all N population samples (written last)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from demem_ext.adversarial import eval_mode, pgd
+from demem_ext.adversarial.robustness import natural_accuracy, pgd_accuracy
+from demem_ext.training.checkpoint import load_checkpoint, save_checkpoint
+from demem_ext.training.data import load_dataset
+from demem_ext.training import TrainConfig, train
+
+KEEP_FORMAT = "demem-ext/keep-v1"
+STATS_FORMAT = "demem-ext/shadow-stats-v1"
+QUERY_STEPS = 10
+
+
+def inclusion_masks(num_models: int, num_samples: int, seed: int) -> torch.Tensor:
+    """keep[M, N]: each sample is in each model's training set independently with probability 1/2.
+
+    Independent (not exactly balanced) masks matter for leave-one-out evaluation: with exactly M/2
+    members per sample, the number of IN shadow models would reveal the target's membership.
+    """
+    if num_models < 2:
+        raise ValueError(f"num_models must be >= 2, got {num_models}")
+    generator = torch.Generator().manual_seed(seed)
+    return torch.rand(num_models, num_samples, generator=generator) < 0.5
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """"i/n" -> (i, n) with 0 <= i < n."""
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise ValueError(f"shard must look like i/n (e.g. 0/4), got {text!r}") from None
+    if not 0 <= index < count:
+        raise ValueError(f"shard i/n needs 0 <= i < n, got {text!r}")
+    return index, count
+
+
+def model_dir(out_dir: Path, model_id: int) -> Path:
+    return out_dir / "models" / f"model_{model_id:03d}"
+
+
+def missing_models(out_dir: str | Path, num_models: int) -> list[int]:
+    """Ids of the models in out_dir whose stats.pt is not written yet (unfinished or not started)."""
+    return [i for i in range(num_models) if not (model_dir(Path(out_dir), i) / "stats.pt").exists()]
+
+
+def prepare_masks(cfg: TrainConfig, out_dir: str | Path, num_models: int, seed: int) -> torch.Tensor:
+    """The folder's inclusion masks keep[M, N]: created (keep.pt) or checked against these settings."""
+    population, _, _ = load_dataset(cfg.dataset, cfg.data_dir, cfg.download, augment=False, seed=cfg.split_seed)
+    return _load_or_create_keep(Path(out_dir), cfg, num_models, len(population), seed)
+
+
+def _load_or_create_keep(out_dir: Path, cfg: TrainConfig, num_models: int, num_samples: int,
+                         seed: int) -> torch.Tensor:
+    path = out_dir / "keep.pt"
+    settings = {"num_models": num_models, "num_samples": num_samples, "seed": seed, "config": cfg.to_dict()}
+    if path.exists():
+        saved = load_checkpoint(path, expected_format=KEEP_FORMAT)
+        if saved["settings"] != settings:
+            raise ValueError(f"{path} was made with other settings ({saved['settings']}); "
+                             f"use another --out or the same configuration")
+        return saved["keep"]
+    keep = inclusion_masks(num_models, num_samples, seed)
+    save_checkpoint({"format": KEEP_FORMAT, "keep": keep, "settings": settings}, path)
+    return keep
+
+
+@torch.no_grad()
+def _logits(model: nn.Module, dataset: Dataset, device: str, eps: float, clamp: tuple[float, float],
+            adversarial: bool, seed: int, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    torch.manual_seed(seed)
+    outs, labels = [], []
+    for x, y, _ in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+        x, y = x.to(device), y.to(device)
+        if adversarial:
+            x = pgd(model, x, y, eps, 2.5 * eps / QUERY_STEPS, QUERY_STEPS, clamp=clamp)
+        with eval_mode(model):
+            outs.append(model(x).float().cpu())
+        labels.append(y.cpu())
+    return torch.cat(outs), torch.cat(labels)
+
+
+def population_stats(model: nn.Module, population: Dataset, cfg: TrainConfig,
+                     clamp: tuple[float, float]) -> dict[str, torch.Tensor]:
+    """Logits, losses and correctness of `model` on every population sample, natural and under PGD."""
+    stats: dict[str, torch.Tensor] = {}
+    for prefix, adversarial in (("", False), ("adv_", True)):
+        logits, labels = _logits(model, population, cfg.device, cfg.eps, clamp, adversarial, cfg.seed)
+        stats[prefix + "logits"] = logits
+        stats[prefix + "loss"] = nn.functional.cross_entropy(logits, labels, reduction="none")
+        stats[prefix + "correct"] = logits.argmax(1) == labels
+        stats["labels"] = labels
+    return stats
+
+
+def train_shadow_models(cfg: TrainConfig, out_dir: str | Path, num_models: int = 16, seed: int = 0,
+                        shard: tuple[int, int] = (0, 1), progress: bool = False,
+                        log: Callable[[str], None] = print) -> list[int]:
+    """Train this shard's shadow models (model i has training seed cfg.seed + i) and save their stats.
+
+    Finished models (stats.pt present) are skipped; an unfinished one resumes from its checkpoint.
+    Returns the ids of the models this call trained.
+    """
+    out = Path(out_dir)
+    population, test_set, info = load_dataset(cfg.dataset, cfg.data_dir, cfg.download, augment=False,
+                                              seed=cfg.split_seed)
+    keep = _load_or_create_keep(out, cfg, num_models, len(population), seed)
+    index, count = shard
+    trained = []
+    for model_id in range(index, num_models, count):
+        folder = model_dir(out, model_id)
+        stats_path = folder / "stats.pt"
+        if stats_path.exists():
+            continue
+        model_cfg = dataclasses.replace(cfg, seed=cfg.seed + model_id)
+        subset = keep[model_id].nonzero().flatten()
+        log(f"shadow model {model_id + 1}/{num_models}: training on {len(subset)} of {len(population)} samples")
+        state = train(model_cfg, folder, resume=True, progress=progress, log=lambda _: None,
+                      train_subset=subset)
+        stats = population_stats(state.model, population, model_cfg, info.input_range)
+        test_acc = natural_accuracy(state.model, test_set, device=cfg.device)
+        torch.manual_seed(model_cfg.seed)
+        test_pgd = pgd_accuracy(state.model, test_set, cfg.eps, 20, clamp=info.input_range, device=cfg.device)
+        payload: dict[str, Any] = {"format": STATS_FORMAT, "model_id": model_id, "keep": keep[model_id],
+                                   "test_natural_acc": test_acc, "test_pgd20_acc": test_pgd,
+                                   "demem": state.demem.state_dict() if state.demem is not None else None,
+                                   "num_train": len(subset), **stats}
+        save_checkpoint(payload, stats_path)
+        trained.append(model_id)
+    return trained
+
+
+def load_stats(out_dir: str | Path, num_models: Optional[int] = None) -> dict[str, Any]:
+    """Merge every model's stats.pt into [M, N, ...] tensors; a missing model is a clear error."""
+    out = Path(out_dir)
+    saved = load_checkpoint(out / "keep.pt", expected_format=KEEP_FORMAT)
+    keep = saved["keep"]
+    m = keep.shape[0] if num_models is None else num_models
+    if m != keep.shape[0]:
+        raise ValueError(f"{out / 'keep.pt'} holds {keep.shape[0]} models, not {m}")
+    missing = missing_models(out, m)
+    if missing:
+        raise FileNotFoundError(f"models {missing} have no stats in {out / 'models'}: train them "
+                                f"(demem audit with the same --out, or its --shard runs) before merging")
+    per_model = [load_checkpoint(model_dir(out, i) / "stats.pt", expected_format=STATS_FORMAT)
+                 for i in range(m)]
+    for i, stats in enumerate(per_model):
+        if not torch.equal(stats["keep"], keep[i]):
+            raise ValueError(f"model {i}'s stats were made with another inclusion mask than {out / 'keep.pt'}")
+    merged: dict[str, Any] = {"keep": keep, "settings": saved["settings"], "labels": per_model[0]["labels"]}
+    for key in ("logits", "loss", "correct", "adv_logits", "adv_loss", "adv_correct"):
+        merged[key] = torch.stack([s[key] for s in per_model])
+    for key in ("test_natural_acc", "test_pgd20_acc", "num_train"):
+        merged[key] = torch.tensor([float(s[key]) for s in per_model])
+    merged["demem"] = [s["demem"] for s in per_model]
+    return merged

@@ -1,0 +1,119 @@
+"""The public functional API: validated entry points to `torch.ops.demem.*` (docs/design.md, "The API")."""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+
+from demem_ext.config import DeMemConfig
+from demem_ext.ops.loader import to_signed64
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+MAX_OFFSET = 1 << 62
+
+
+class FusedResult(NamedTuple):
+    """Output of `fused_step`: the update and the per-sample quantities behind it."""
+
+    grad: torch.Tensor  # [P]
+    weights: torch.Tensor  # [B] w_i
+    risk: torch.Tensor  # [B] r_i
+    norms: torch.Tensor  # [B] ‖g_i‖₂
+    coeff: torch.Tensor  # [B] w_i·c_i
+
+
+class NonFiniteError(ValueError):
+    """Non-finite losses or gradients (a ValueError, so callers that catch bad input still do)."""
+
+
+def _check_scores(scores: torch.Tensor, name: str = "scores") -> None:
+    if not isinstance(scores, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(scores).__name__}")
+    if scores.dim() != 1:
+        raise ValueError(f"{name} must be 1-D [B], got shape {tuple(scores.shape)}")
+    if scores.numel() == 0:
+        raise ValueError(f"{name} is empty (B = 0)")
+    if scores.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name} must be a floating tensor, got {scores.dtype}")
+    if not bool(torch.isfinite(scores).all()):
+        bad = torch.nonzero(~torch.isfinite(scores)).flatten()[:8].tolist()
+        raise NonFiniteError(f"{name} has non-finite values at indices {bad}")
+
+
+def _check_config(config: DeMemConfig) -> None:
+    if not isinstance(config, DeMemConfig):
+        raise TypeError(f"config must be a DeMemConfig, got {type(config).__name__}")
+
+
+def _check_seed_offset(seed: int, offset: int) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < (1 << 64):
+        raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
+    if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset <= MAX_OFFSET:
+        raise ValueError(f"offset must be an int in [0, 2**62], got {offset!r}")
+
+
+def _rule(config: DeMemConfig) -> tuple:
+    return (config.lam, config.selection, config.threshold, config.k, config.quantile, config.tau,
+            config.temperature)
+
+
+def demem_weights(scores: torch.Tensor, config: DeMemConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """De-memorization weights w_i = 1 − λ·r_i and risks r_i for memorization scores [B]."""
+    _check_config(config)
+    _check_scores(scores)
+    return torch.ops.demem.weights(scores.detach(), *_rule(config))
+
+
+def philox_normal(n: int, seed: int, offset: int, device: torch.device | str = "cpu",
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """n standard normals from Philox4x32-10 (same stream on CPU, CUDA and the reference).
+
+    Element j uses counter offset + j//4; advance offset by ceil(n/4) per draw.
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"n must be a non-negative int, got {n!r}")
+    _check_seed_offset(seed, offset)
+    if dtype not in FLOAT_DTYPES:
+        raise ValueError(f"dtype must be a floating dtype, got {dtype}")
+    device = torch.device(device)
+    return torch.ops.demem.philox_normal(n, to_signed64(seed), offset, device).to(dtype)
+
+
+def fused_step(per_sample_grads: torch.Tensor, scores: torch.Tensor, config: DeMemConfig,
+               seed: int = 0, offset: int = 0, weights: Optional[torch.Tensor] = None) -> FusedResult:
+    """The DeMem update over per-sample gradients [B, P]: (Σ w_i·c_i·g_i + σ·C·ξ) / D.
+
+    `weights`, if given, replaces the w_i computed from `scores` (the risk still comes from them).
+    Raises ValueError naming the argument on bad shapes, dtypes, devices or non-finite values.
+    """
+    _check_config(config)
+    g = per_sample_grads
+    if not isinstance(g, torch.Tensor):
+        raise TypeError(f"per_sample_grads must be a torch.Tensor, got {type(g).__name__}")
+    if g.dim() != 2:
+        raise ValueError(f"per_sample_grads must be 2-D [B, P], got shape {tuple(g.shape)}")
+    if g.shape[0] == 0:
+        raise ValueError("per_sample_grads is empty (B = 0)")
+    if g.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"per_sample_grads must be float16/bfloat16/float32/float64, got {g.dtype}")
+    _check_scores(scores)
+    if scores.shape[0] != g.shape[0]:
+        raise ValueError(f"scores has {scores.shape[0]} entries but per_sample_grads has B = {g.shape[0]} rows")
+    if scores.device != g.device:
+        raise ValueError(f"scores is on {scores.device} but per_sample_grads is on {g.device}")
+    if weights is not None:
+        _check_scores(weights, "weights")
+        if weights.shape != scores.shape or weights.device != g.device:
+            raise ValueError(f"weights must have shape {tuple(scores.shape)} on {g.device}, "
+                             f"got {tuple(weights.shape)} on {weights.device}")
+        weights = weights.detach()
+    _check_seed_offset(seed, offset)
+    denom = float(config.expected_batch_size or g.shape[0])
+    result = FusedResult(*torch.ops.demem.fused_step(
+        g.detach().contiguous(), scores.detach(), weights, *_rule(config), config.max_grad_norm,
+        config.noise_multiplier, config.clip_scope, denom, to_signed64(seed), offset))
+    if not bool(torch.isfinite(result.norms).all()):
+        bad = torch.nonzero(~torch.isfinite(result.norms)).flatten()[:8].tolist()
+        raise NonFiniteError(f"per_sample_grads has non-finite values in rows {bad}")
+    return result
