@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One-call check of the CUDA kernels on a GPU machine that already has torch (no network needed):
 #   1. builds demem_ext._C with its CUDA kernels (pip install --no-build-isolation --no-deps -e .),
-#   2. runs tests/test_cuda.py, then tests/test_ops.py tests/test_philox.py tests/test_build.py,
+#   2. runs tests/ops/test_cuda.py, then tests/ops/test_ops.py tests/ops/test_philox.py tests/ops/test_build.py,
 #   3. runs the fused-op benchmark on the GPU (benchmarks/bench_fused.py --device cuda): B x P up to
 #      4 GB of fp32 per-sample gradients (64/256 x 1e5/1e6/4e6, 1024 x 1e6, 64 x 16e6; bf16 at the
 #      largest P), the extension vs the plain PyTorch composition vs the exact reference (small shapes)
@@ -92,8 +92,8 @@ step() {
 
 step build 330 "$PYTHON" -m pip install --no-build-isolation --no-deps -e .
 step check_ext 60 "$PYTHON" -c "import torch; from demem_ext import ops, _C; print('backend', ops.backend(), 'cuda kernels', ops.extension_has_cuda(), 'cpu', _C.cpu_capability()); assert ops.extension_has_cuda() and torch.cuda.is_available()"
-step test_cuda 200 "$PYTHON" -m pytest tests/test_cuda.py -q -p no:cacheprovider -x --durations=10
-step test_cpu 150 "$PYTHON" -m pytest tests/test_ops.py tests/test_philox.py tests/test_build.py -q -p no:cacheprovider --durations=5
+step test_cuda 200 "$PYTHON" -m pytest tests/ops/test_cuda.py -q -p no:cacheprovider -x --durations=10
+step test_cpu 150 "$PYTHON" -m pytest tests/ops/test_ops.py tests/ops/test_philox.py tests/ops/test_build.py -q -p no:cacheprovider --durations=5
 step bench_fused 150 "$PYTHON" benchmarks/bench_fused.py --device cuda --json "$LOGS/bench_fused_cuda.json"
 step passes 90 "$PYTHON" -m demem_ext.bench.cuda_passes --json "$LOGS/cuda_passes.json"
 # the training benchmark only gets what is left (at most 150 s), and only if that is 45 s or more

@@ -1,7 +1,7 @@
 // Scalar building blocks shared by the CPU kernels (C++) and the CUDA kernels (nvcc):
 // Philox4x32-10, the Philox uniforms and Box–Muller normals, the risk threshold, the risk,
 // the weights and the clip factor. One definition, so that CPU and CUDA round identically.
-// Conventions: see demem_ext/reference.py (the ground truth).
+// Conventions: see demem_ext/ops/reference.py and demem_ext/ops/rule.py (the ground truth).
 #pragma once
 
 #include <cmath>

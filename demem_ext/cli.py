@@ -90,7 +90,7 @@ def _print_table(title: str, result: dict[str, Any]) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from demem_ext.middleware import process_group as distributed
+    from demem_ext.middleware import collectives as distributed
     from demem_ext.adversarial.robustness import evaluate
     from demem_ext.training import CHECKPOINT_NAME, torch_distributed_group, train
 

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from demem_ext import ops
-from demem_ext.ops import reference
+from demem_ext.ops import reference, rule
 from demem_ext.bench import cell, environment, opacus_version, write_json
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
@@ -91,11 +91,11 @@ def torch_step(grads: torch.Tensor, scores: torch.Tensor, lam: float = LAM, k: f
                denom: Optional[float] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """The DeMem step as a user would write it in plain PyTorch ("ref" column): hard selection above
     mean + k·std, w = 1 − λ·r, c = min(1, C/(‖g_i‖ + 1e-6)), ĝ = ((w·c)ᵀG + σ·C·ξ) / D, ξ = randn."""
-    acc = reference.accumulation_dtype(grads.dtype)
+    acc = rule.accumulation_dtype(grads.dtype)
     norms = torch.linalg.vector_norm(grads, dim=1).to(acc)
     s = scores.to(acc)
     risk = (s > s.mean() + k * s.std(correction=0)).to(acc)
-    coeff = (1.0 - lam * risk) * (max_grad_norm / (norms + reference.CLIP_EPS)).clamp(max=1.0)
+    coeff = (1.0 - lam * risk) * (max_grad_norm / (norms + rule.CLIP_EPS)).clamp(max=1.0)
     grad = (coeff.to(grads.dtype) @ grads).to(acc)
     if noise_multiplier > 0:
         grad = grad + noise_multiplier * max_grad_norm * torch.randn(
@@ -128,7 +128,7 @@ class OpacusPeer:
         from opacus.optimizers import DPOptimizer
 
         batch, size = grads.shape
-        acc = reference.accumulation_dtype(grads.dtype)
+        acc = rule.accumulation_dtype(grads.dtype)
         self.grads = grads
         self.params = [nn.Parameter(torch.zeros(s, dtype=acc, device=grads.device))
                        for s in opacus_param_shapes(size)]
@@ -234,7 +234,7 @@ def bench_case(case: Case, device: torch.device, warmup: int, repeats: int, *, o
             times[name].append(timer(fn))
 
     itemsize = grads.element_size()
-    moved = case.batch * case.size * itemsize + case.size * reference.accumulation_dtype(grads.dtype).itemsize
+    moved = case.batch * case.size * itemsize + case.size * rule.accumulation_dtype(grads.dtype).itemsize
     copied = 2 * case.batch * case.size * itemsize
     row: dict[str, Any] = {"B": case.batch, "P": case.size, "dtype": case.dtype, "device": device.type,
                            "bytes_moved": moved, "copy_bytes": copied, "repeats": repeats}

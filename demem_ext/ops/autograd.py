@@ -45,5 +45,9 @@ def demem_loss(per_sample_losses: torch.Tensor, config: Optional[DeMemConfig] = 
     elif scores.shape != per_sample_losses.shape:
         raise ValueError(f"scores must have shape {tuple(per_sample_losses.shape)}, got {tuple(scores.shape)}")
     weights, _ = demem_weights(scores, config)
-    denom = float(config.expected_batch_size or per_sample_losses.shape[0])
-    return _WeightedMean.apply(per_sample_losses, weights.to(per_sample_losses.device), denom)
+    return weighted_mean(per_sample_losses, weights, float(config.expected_batch_size or per_sample_losses.shape[0]))
+
+
+def weighted_mean(per_sample_losses: torch.Tensor, weights: torch.Tensor, denom: float) -> torch.Tensor:
+    """Scalar Σ_i w_i·ℓ_i / D for weights already computed (constants: only ℓ_i is differentiated)."""
+    return _WeightedMean.apply(per_sample_losses, weights.detach().to(per_sample_losses.device), denom)

@@ -65,11 +65,17 @@ REFERENCE_KERNELS = {"weights": weights_kernel, "philox_normal": philox_normal_k
                      "fused_step": fused_step_kernel}
 
 
+def reference_schema(name: str) -> str:
+    """The schema of op `name` inferred from its reference kernel (Python `int` is the C++ schema's `int`,
+    not the `SymInt` that inference picks)."""
+    return torch.library.infer_schema(REFERENCE_KERNELS[name], mutates_args=()).replace("SymInt", "int")
+
+
 def _define_reference_ops() -> torch.library.Library:
     """The demem:: ops with the reference as their kernel, for every device (no extension)."""
     lib = torch.library.Library("demem", "DEF")
     for name, kernel in REFERENCE_KERNELS.items():
-        lib.define(name + torch.library.infer_schema(kernel, mutates_args=()))
+        lib.define(name + reference_schema(name))
         lib.impl(name, kernel, "CompositeExplicitAutograd")
     return lib
 

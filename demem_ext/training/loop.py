@@ -25,7 +25,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from demem_ext.middleware import process_group as distributed
+from demem_ext.middleware import collectives as distributed
 from demem_ext.adversarial import Objective, make_objective
 from demem_ext.training.checkpoint import load_checkpoint, save_checkpoint
 from demem_ext.training.config import CHECKPOINT_NAME, METRICS_NAME, TrainConfig

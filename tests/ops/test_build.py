@@ -14,9 +14,11 @@ import sys
 import pytest
 import torch
 
+from conftest import REPO_ROOT
+
 from demem_ext import ops
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = str(REPO_ROOT)
 FORCED = os.environ.get("DEMEM_FORCE_REFERENCE", "0") == "1"
 
 

@@ -13,6 +13,8 @@ import sys
 import pytest
 import torch
 
+from conftest import REPO_ROOT
+
 from demem_ext import bench, ops
 from demem_ext.bench import fused, opacus_version, training
 from demem_ext.cli import main
@@ -203,7 +205,7 @@ def test_demem_bench_quick_prints_both_tables(tmp_path, capsys) -> None:
                     reason="benchmarks/cpu_probe.cpp is x86-64 AVX2 code built with g++")
 def test_cpu_probe_builds_and_runs(tmp_path) -> None:
     """The probes behind docs/benchmarks.md keep building (with the command in their header) and running."""
-    root = pathlib.Path(__file__).resolve().parent.parent
+    root = REPO_ROOT
     torch_dir = pathlib.Path(torch.__file__).parent
     exe = tmp_path / "cpu_probe"
     build = subprocess.run(["g++", "-O3", "-mavx2", "-mfma", f"-I{torch_dir / 'include'}",
@@ -223,7 +225,7 @@ def test_cpu_probe_builds_and_runs(tmp_path) -> None:
 @pytest.mark.parametrize("script", ["gpu_check.sh", "gpu_wheels.sh"])
 def test_gpu_scripts_parse(script: str) -> None:
     """The GPU scripts run only on a lent GPU machine: here at least they must be valid bash."""
-    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / script
+    path = REPO_ROOT / "benchmarks" / script
     subprocess.run(["bash", "-n", str(path)], check=True)
 
 

@@ -43,7 +43,7 @@ def test_resume_gives_the_same_result_as_an_uninterrupted_run(tmp_path: Path, de
 
 def _train_epochs_then_stop(cfg: TrainConfig, out: Path, stop_after: int) -> None:
     """Run `cfg` but stop (as if killed) right after epoch `stop_after`'s checkpoint was written."""
-    import demem_ext.training as training
+    import demem_ext.training.loop as training
 
     calls = {"n": 0}
     real_save = training.save_checkpoint

@@ -115,7 +115,7 @@ def test_lambda_choice_rule() -> None:
 
 def test_diverged_configuration_is_recorded_and_not_retrained(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """λ > 1 can diverge: the run records it, reports it and goes on; a rerun does not train it again."""
-    import demem_ext.reproduce as rep
+    import demem_ext.reproduce.run as rep
     from demem_ext.ops.functional import NonFiniteError
 
     real = rep.train_shadow_models
@@ -145,7 +145,7 @@ def test_diverged_configuration_is_recorded_and_not_retrained(tmp_path: Path, mo
 
 def test_folder_of_another_configuration_is_refused(tmp_path: Path) -> None:
     """Models trained under other DeMem settings (e.g. before a change of defaults) are never reused."""
-    import demem_ext.reproduce as rep
+    import demem_ext.reproduce.run as rep
 
     kwargs = dict(models=2, epochs=1, configs=["pgd-demem-l1"], autoattack="none", eval_limit=16,
                   base_overrides={"attack_steps": 1, "batch_size": 256}, log=_quiet)

@@ -27,6 +27,8 @@ import sys
 
 import pytest
 import torch
+
+from conftest import REPO_ROOT
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -334,7 +336,7 @@ def test_default_isa_build_matches(tmp_path):
     env = dict(os.environ, ATEN_CPU_CAPABILITY="default")
     proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "in.pt"), str(tmp_path / "out.pt")],
                           env=env, capture_output=True, text=True, timeout=120,
-                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+                          cwd=REPO_ROOT)
     assert proc.returncode == 0, proc.stderr
     capability, other = torch.load(tmp_path / "out.pt")
     assert capability == "default"

@@ -16,7 +16,7 @@ from torch.func import grad, vmap
 from demem_ext.grad_sample import conv_rule as per_sample_conv
 from demem_ext.grad_sample.torch_func import LossModule, per_sample_grads
 from demem_ext.grad_sample.conv_rule import SmallMapConv2d, UnfoldConv2d, output_map_elements, routes
-from test_middleware import loss_fn, per_sample_reference
+from conftest import loss_fn, per_sample_reference
 
 PROPS = settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 

@@ -3,9 +3,10 @@
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import REPO_ROOT
+
+ROOT = REPO_ROOT
 
 
 def test_plain_loop_example_runs_and_prints_stats() -> None:

@@ -1,4 +1,4 @@
-"""The DeMem middleware against independently computed updates (DESIGN.md sections 2 and 3)."""
+"""The DeMem middleware against independently computed updates (docs/design.md, "The rule" and "The API")."""
 
 from __future__ import annotations
 
@@ -17,40 +17,9 @@ from demem_ext import middleware
 from demem_ext.ops import reference
 from demem_ext.config import DeMemConfig
 from demem_ext.training.models import build_model
-from demem_ext.grad_sample.torch_func import FlatBuffer, flatten_into
+from demem_ext.grad_sample import FlatBuffer, flatten_into
 from demem_ext import accounting
-
-B = 8
-
-
-def make_model(seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).to(dtype)
-
-
-def make_data(n: int = B, seed: int = 1, dtype: torch.dtype = torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 4, generator=g, dtype=dtype), torch.randint(0, 3, (n,), generator=g)
-
-
-def loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(model(x), y, reduction="none")
-
-
-def flat(model: nn.Module) -> torch.Tensor:
-    return torch.cat([p.detach().flatten() for p in model.parameters() if p.requires_grad])
-
-
-def per_sample_reference(model: nn.Module, x: torch.Tensor, y: torch.Tensor, fn=loss_fn):
-    """Per-sample gradients [B, P] and losses [B] by a plain autograd loop (independent of torch.func)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    rows, losses = [], []
-    for i in range(x.shape[0]):
-        loss = fn(model, x[i:i + 1], y[i:i + 1])[0]
-        rows.append(torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)]))
-        losses.append(loss.detach())
-    return torch.stack(rows), torch.stack(losses)
-
+from conftest import B, flat, loss_fn, make_data, make_model, per_sample_reference
 
 def expected_grad(model, x, y, cfg: DeMemConfig, seed: int = 0, offset: int = 0, denom=None,
                   fn=loss_fn) -> torch.Tensor:
@@ -641,7 +610,7 @@ def test_secure_noise_uses_a_fresh_os_seed_per_step(monkeypatch):
     assert not torch.equal(unpatched[0], unpatched[1])
 
     draws = iter([bytes(range(8)), bytes(range(8, 16))])
-    monkeypatch.setattr(middleware.os, "urandom", lambda n: next(draws))
+    monkeypatch.setattr(middleware.noise.os, "urandom", lambda n: next(draws))
     mid = copy.deepcopy(model)
     expected_first = expected_grad(model, x, y, cfg, seed=int.from_bytes(bytes(range(8)), "little"))
     got_both = sgd_update(model, [(x, y)], cfg, steps=2, secure_noise=True)

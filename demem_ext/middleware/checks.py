@@ -1,0 +1,153 @@
+"""Argument checks of the DeMem block: each bad input is a clear error naming it, before anything changes."""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import nn
+
+from demem_ext.config import DeMemConfig
+from demem_ext.grad_sample import trainable_parameters
+from demem_ext.middleware.nonfinite import NONFINITE_MODES
+from demem_ext.ops.functional import MAX_OFFSET
+
+ENGINES = ("torch.func", "opacus")
+STATE_KEYS = ("trace", "visited", "seed", "offset", "steps", "noisy_batch_sizes")
+
+
+def positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+
+
+def block_config(model: Any, optimizer: Any, config: Any, overrides: dict[str, Any]) -> DeMemConfig:
+    """The block's DeMemConfig, after checking the model and optimizer types."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    if config is None:
+        config = DeMemConfig()
+    elif not isinstance(config, DeMemConfig):
+        raise TypeError(f"config must be a DeMemConfig or None, got {type(config).__name__}")
+    return config.replace(**overrides) if overrides else config
+
+
+def block_options(config: DeMemConfig, num_samples: Any, seed: Any, secure_noise: Any, nonfinite: Any,
+                  chunk_size: Any, engine: Any) -> None:
+    """The options of DeMem besides the model, the optimizer and the config."""
+    if num_samples is not None:
+        positive_int("num_samples", num_samples)
+    if config.proxy == "trace" and num_samples is None:
+        raise ValueError("proxy='trace' needs num_samples (the dataset size) to hold the loss trace")
+    if nonfinite not in NONFINITE_MODES:
+        raise ValueError(f"nonfinite must be 'error' or 'skip', got {nonfinite!r}")
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(map(repr, ENGINES))}, got {engine!r}")
+    if chunk_size is not None:
+        positive_int("chunk_size", chunk_size)
+    if not isinstance(secure_noise, bool):
+        raise ValueError(f"secure_noise must be a bool, got {secure_noise!r}")
+    if seed is not None:
+        if secure_noise:
+            raise ValueError("seed cannot be combined with secure_noise=True (the seed comes from the OS)")
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+            raise ValueError(f"seed must be an int in [0, 2**64) or None, got {seed!r}")
+
+
+def losses_for_backward(losses: Any) -> torch.Tensor:
+    """per_sample_losses of `dm.backward`: a non-empty 1-D floating tensor that requires grad."""
+    if not isinstance(losses, torch.Tensor):
+        raise TypeError(f"per_sample_losses must be a torch.Tensor, got {type(losses).__name__}")
+    if losses.dim() != 1 or losses.numel() == 0:
+        raise ValueError(f"per_sample_losses must be a non-empty 1-D tensor [B], got shape {tuple(losses.shape)}")
+    if not losses.is_floating_point():
+        raise ValueError(f"per_sample_losses must be a floating tensor, got {losses.dtype}")
+    if not losses.requires_grad:
+        raise ValueError("per_sample_losses does not require grad: compute it from the model "
+                         "outside torch.no_grad() and without .detach()")
+    return losses
+
+
+def trainable(module: nn.Module, pending: Optional[list[nn.Parameter]]) -> list[tuple[str, nn.Parameter]]:
+    """The model's trainable parameters, on one device and unchanged while sums are pending."""
+    named = trainable_parameters(module)
+    if not named:
+        raise ValueError("model has no parameters with requires_grad")
+    params = [p for _, p in named]
+    if any(p.device != params[0].device for p in params):
+        raise ValueError("the model's trainable parameters must all be on one device")
+    if pending is not None and (len(pending) != len(params) or any(a is not b for a, b in zip(pending, params))):
+        raise RuntimeError("the model's trainable parameters changed since the last "
+                           "backward_per_sample call; call optimizer.step() first")
+    return named
+
+
+def no_batchnorm_in_train_mode(module: nn.Module) -> None:
+    for name, layer in module.named_modules():
+        if isinstance(layer, nn.modules.batchnorm._BatchNorm) and layer.training:
+            raise ValueError(
+                f"model has a BatchNorm layer {name!r} in train mode: it mixes the samples of a "
+                "batch, so per-sample gradients are ill-defined; use GroupNorm/LayerNorm or put "
+                "the layer in eval mode")
+
+
+def batch_size_of(batch: Sequence[Any], device: torch.device) -> int:
+    """B of the batch tensors given to backward_per_sample (each on the model's device, B rows)."""
+    if not batch:
+        raise ValueError("backward_per_sample needs at least one batch tensor after loss_fn")
+    for i, x in enumerate(batch):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"batch[{i}] must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() == 0:
+            raise ValueError(f"batch[{i}] must have a leading batch dimension, got a scalar")
+        if x.device != device:
+            raise ValueError(f"batch[{i}] is on {x.device} but the model's parameters are on {device}")
+    batch_size = batch[0].shape[0]
+    if batch_size == 0:
+        raise ValueError("batch is empty (B = 0)")
+    for i, x in enumerate(batch):
+        if x.shape[0] != batch_size:
+            raise ValueError(f"batch[{i}] has {x.shape[0]} samples but batch[0] has {batch_size}")
+    return batch_size
+
+
+def dataset_indices(indices: Any, batch_size: int, config: DeMemConfig,
+                    num_samples: Optional[int]) -> Optional[torch.Tensor]:
+    """Validated dataset indices as a CPU int64 tensor (None when not given)."""
+    if indices is None:
+        if config.proxy == "trace":
+            raise ValueError("indices ([B] dataset indices) are required with proxy='trace'")
+        return None
+    if not isinstance(indices, torch.Tensor):
+        raise TypeError(f"indices must be an integer torch.Tensor, got {type(indices).__name__}")
+    if indices.dtype == torch.bool or indices.is_floating_point() or indices.is_complex():
+        raise ValueError(f"indices must be an integer tensor, got {indices.dtype}")
+    if indices.shape != (batch_size,):
+        raise ValueError(f"indices must have shape ({batch_size},), got {tuple(indices.shape)}")
+    idx = indices.detach().to("cpu", torch.int64)
+    if int(idx.min()) < 0 or (num_samples is not None and int(idx.max()) >= num_samples):
+        raise ValueError(f"indices must be in [0, num_samples={num_samples}), got values in "
+                         f"[{int(idx.min())}, {int(idx.max())}]")
+    if config.proxy == "trace" and idx.unique().numel() != batch_size:
+        raise ValueError("indices must be unique within a batch with proxy='trace'")
+    return idx
+
+
+def block_state(state: Any, trace: torch.Tensor, visited: torch.Tensor) -> None:
+    """What `DeMem.state_dict` returned: its keys, tensor shapes and dtypes, and non-negative ints."""
+    if not isinstance(state, dict) or set(state) != set(STATE_KEYS):
+        keys = sorted(state) if isinstance(state, dict) else type(state).__name__
+        raise ValueError(f"state must be a dict with keys {list(STATE_KEYS)}, got {keys}")
+    for name, like in (("trace", trace), ("visited", visited)):
+        value = state[name]
+        if not isinstance(value, torch.Tensor) or value.shape != like.shape or value.dtype != like.dtype:
+            raise ValueError(f"state['{name}'] must be a {like.dtype} tensor of shape {tuple(like.shape)}")
+    for name, high in (("seed", 2**64), ("offset", MAX_OFFSET + 1), ("steps", None)):
+        value = state[name]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0 or (high and value >= high):
+            raise ValueError(f"state['{name}'] must be a non-negative int, got {value!r}")
+    sizes = state["noisy_batch_sizes"]
+    if not isinstance(sizes, torch.Tensor) or sizes.dim() != 1 or sizes.dtype != torch.int64:
+        raise ValueError("state['noisy_batch_sizes'] must be a 1-D int64 tensor")
