@@ -1,24 +1,26 @@
 // The CPU fused DeMem step and the Philox normals, written once (at::vec::Vectorized; AVX2
 // intrinsics where ATen has no fast equivalent) and compiled twice:
 // cpu_kernels.cpp (the default build flags) and cpu_kernels_avx2.cpp (AVX2/FMA/F16C, chosen at run
-// time on CPUs that have them). The includer defines DEMEM_FUSED_ENTRY and DEMEM_NORMALS_ENTRY, the
-// names of the two entry points (the fused step; Philox normals of a column range).
+// time on CPUs that have them). The includer defines DEMEM_FUSED_ENTRY, DEMEM_NORMALS_ENTRY and
+// DEMEM_PASS_ENTRY, the names of the entry points (the fused step with a given schedule; Philox
+// normals of a column range; one pass of the "columns" schedule alone, for the benchmark).
 //
-// Two schedules, each with two parallel regions (few synchronisations: a loaded machine with more
-// runnable threads than cores makes every barrier expensive):
+// Three schedules (cpu_schedule.h; cpu_schedule.cpp chooses one), each with two parallel regions
+// (few synchronisations: a loaded machine with more runnable threads than cores makes every barrier
+// expensive):
 //
-// "rows" (a group of rows and an accumulator [P] fit in this thread's share of the cache, see
-//   cpu_cache_budget, and re-reading them from cache beats a second pass over memory; B >= threads):
-//   the rows are split into one contiguous range per thread. A thread takes its rows in small groups: the norms of the group (float64 sums of squares; the rows
+// "rows": the rows are split into one contiguous range per thread. A thread takes its rows in small
+//   groups: the norms of the group (float64 sums of squares, the rows read side by side; the rows
 //   are now in cache), their clip factors and coefficients (the weights are known beforehand), then
 //   one sweep acc += Σ_r coeff_r·g_r into its own accumulator [P] while the rows are still in cache.
 //   G is read from memory once. Region 2 adds the per-thread accumulators in thread order, the
 //   noise σ·C·ξ, and divides by D, column-parallel.
-// "columns" (long rows that do not fit, or fewer rows than threads): region 1 computes sums of
-//   squares of whole rows (or, with fewer rows than threads, of row pieces) in parallel; then the
-//   coefficients; region 2, parallel over column chunks, accumulates every row of its chunk in order
-//   into the output (the chunk stays in L2), adds the noise and divides by D. G is read twice, each
-//   time as long streams.
+// "columns": region 1 computes sums of squares of groups of kNormRows rows read side by side (one
+//   memory stream alone does not reach a core's bandwidth on an Intel Xeon), over whole rows or,
+//   with few groups per thread, over column pieces; then the coefficients; region 2, parallel over
+//   column chunks, accumulates every row of its chunk in order into the output (the chunk stays in
+//   L2), adds the noise and divides by D. G is read twice, each time as a few long streams.
+// "mv": region 1 of "columns", then at::mv for coeffᵀG, then the noise and 1/D.
 // In both, the normals ξ are drawn during region 1's norm sweeps into a buffer [P] (NoisePlan):
 // Philox and Box–Muller are compute-bound and hide, in part, in the memory-bound sweeps.
 //
@@ -43,11 +45,12 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu_schedule.h"
 #include "demem_common.h"
 #include "demem_kernels.h"
 
-#if !defined(DEMEM_FUSED_ENTRY) || !defined(DEMEM_NORMALS_ENTRY)
-#error "define DEMEM_FUSED_ENTRY and DEMEM_NORMALS_ENTRY before including cpu_fused_impl.h"
+#if !defined(DEMEM_FUSED_ENTRY) || !defined(DEMEM_NORMALS_ENTRY) || !defined(DEMEM_PASS_ENTRY)
+#error "define DEMEM_FUSED_ENTRY, DEMEM_NORMALS_ENTRY and DEMEM_PASS_ENTRY before including cpu_fused_impl.h"
 #endif
 
 #if defined(CPU_CAPABILITY_AVX2)
@@ -57,9 +60,6 @@
 #endif
 
 namespace demem {
-
-// Bytes of cache one of `threads` threads may fill with rows and an accumulator (cpu_kernels.cpp).
-int64_t cpu_cache_budget(int64_t threads);
 
 // out[0:n] = the Philox normals of elements 4·block0 .. 4·block0 + n − 1 of the stream `seed`
 // (element j: block j/4, lane j%4). Serial; defined below for this build.
@@ -72,6 +72,7 @@ using at::vec::Vectorized;
 constexpr int64_t kChunk = 65536;              // columns per accumulation task (multiple of 4 and of vector widths)
 constexpr int64_t kNormChunk = 65536;          // columns per norm task of the "columns" schedule (at least)
 constexpr int64_t kMaxGroup = 4;               // rows per group of the "rows" schedule (one sweep)
+constexpr int kNormRows = 8;                   // rows read side by side by a norm sweep (at most)
 constexpr int64_t kDrawSpacing = 2048;         // elements of a norm sweep per 32 normals drawn (at most)
 constexpr int64_t kMinTaskBytes = 512 * 1024;  // less work than this per thread is not worth a thread
 constexpr int64_t kMinFinishColumns = 8192;    // columns per task of the noise/finish region
@@ -151,33 +152,35 @@ struct NoisePlan {
         seed(seed_),
         offset(offset_) {}
   const float* column(int64_t col0) const { return z == nullptr ? nullptr : z + col0; }
-  NoiseSlice slice(int64_t item) const {
+  // The normals of items item .. item + count − 1 (contiguous in z).
+  NoiseSlice slice(int64_t item, int64_t count = 1) const {
     if (z == nullptr) return {};
-    const int64_t lo = std::min(total, item * per_item), hi = std::min(total, lo + per_item);
+    const int64_t lo = std::min(total, item * per_item), hi = std::min(total, (item + count) * per_item);
     return {z + lo, hi - lo, seed, offset + static_cast<uint64_t>(lo / 4)};
   }
 };
 
-// Σ x² over n elements, accumulated in float64; draws the normals of `noise` in between (spread
-// over the sweep, 32 at a time). The sum does not depend on the noise (same accumulators, same order).
-template <typename scalar_t>
-double sum_squares(const scalar_t* x, int64_t n, const NoiseSlice& noise = {}) {
+// out[k] = Σ x[k·stride + 0:n]², accumulated in float64, for the K rows, read side by side; draws
+// the normals of `noise` in between (spread over the sweep, 32 at a time). The sums do not depend on
+// the noise (same accumulators, same order). Two accumulators per row for up to four rows, one for
+// more (enough independent FMA chains either way, and no register spills).
+template <typename scalar_t, int K>
+void sum_squares_k(const scalar_t* x, int64_t stride, int64_t n, double* out, const NoiseSlice& noise) {
   using W = Widen<scalar_t>;
   using acc_t = typename W::acc_t;
-  constexpr int64_t kPair = 2 * W::kStep;
-  Vectorized<double> a0(0.0), a1(0.0), b0(0.0), b1(0.0);
-  const int64_t pairs_end = n - n % kPair;
+  constexpr int kA = K <= 4 ? 2 : 1;
+  Vectorized<double> a[K][2];
+  for (int k = 0; k < K; ++k) a[k][0] = a[k][1] = Vectorized<double>(0.0);
+  const int64_t vec_end = n - n % W::kStep;
   const int64_t draws = divup(noise.count, 32);
   int64_t i = 0;
   for (int64_t d = 0; d <= draws; ++d) {
-    const int64_t stop = d == draws ? pairs_end : (pairs_end / kPair) * (d + 1) / (draws + 1) * kPair;
-    for (; i < stop; i += kPair) {
-      Vectorized<acc_t> u[W::kN], v[W::kN];
-      W::load(x + i, u);
-      W::load(x + i + W::kStep, v);
-      for (int q = 0; q < W::kN; ++q) {
-        add_squares(u[q], a0, a1);
-        add_squares(v[q], b0, b1);
+    const int64_t stop = d == draws ? vec_end : (vec_end / W::kStep) * (d + 1) / (draws + 1) * W::kStep;
+    for (; i < stop; i += W::kStep) {
+      for (int k = 0; k < K; ++k) {
+        Vectorized<acc_t> u[W::kN];
+        W::load(x + k * stride + i, u);
+        for (int q = 0; q < W::kN; ++q) add_squares(u[q], a[k][0], a[k][kA - 1]);
       }
     }
     if (d < draws) {
@@ -185,18 +188,33 @@ double sum_squares(const scalar_t* x, int64_t n, const NoiseSlice& noise = {}) {
                           noise.block0 + static_cast<uint64_t>(8 * d));
     }
   }
-  for (; i + W::kStep <= n; i += W::kStep) {
-    Vectorized<acc_t> u[W::kN];
-    W::load(x + i, u);
-    for (int q = 0; q < W::kN; ++q) add_squares(u[q], a0, a1);
+  for (int k = 0; k < K; ++k) {
+    double total = at::vec::vec_reduce_all<double>(
+        [](const Vectorized<double>& p, const Vectorized<double>& q) { return p + q; },
+        kA == 2 ? a[k][0] + a[k][1] : a[k][0]);
+    for (int64_t j = vec_end; j < n; ++j) {
+      const double v = static_cast<double>(x[k * stride + j]);
+      total += v * v;
+    }
+    out[k] = total;
   }
-  double total = at::vec::vec_reduce_all<double>(
-      [](const Vectorized<double>& p, const Vectorized<double>& q) { return p + q; }, (a0 + a1) + (b0 + b1));
-  for (; i < n; ++i) {
-    const double v = static_cast<double>(x[i]);
-    total += v * v;
+}
+
+// sum_squares_k for 1 <= rows <= kNormRows rows.
+template <typename scalar_t>
+void sum_squares_rows(const scalar_t* x, int64_t stride, int64_t n, int64_t rows, double* out,
+                      const NoiseSlice& noise = {}) {
+  static_assert(kNormRows == 8, "one case per row count");
+  switch (rows) {
+    case 1: return sum_squares_k<scalar_t, 1>(x, stride, n, out, noise);
+    case 2: return sum_squares_k<scalar_t, 2>(x, stride, n, out, noise);
+    case 3: return sum_squares_k<scalar_t, 3>(x, stride, n, out, noise);
+    case 4: return sum_squares_k<scalar_t, 4>(x, stride, n, out, noise);
+    case 5: return sum_squares_k<scalar_t, 5>(x, stride, n, out, noise);
+    case 6: return sum_squares_k<scalar_t, 6>(x, stride, n, out, noise);
+    case 7: return sum_squares_k<scalar_t, 7>(x, stride, n, out, noise);
+    default: return sum_squares_k<scalar_t, 8>(x, stride, n, out, noise);
   }
-  return total;
 }
 
 // acc[0:n] (+)= Σ_{r<rows} c[r]·x[r·stride + 0:n], rows in order; from zero when `fresh`.
@@ -285,6 +303,27 @@ inline acc_t row_coefficient(const FusedCpuArgs& a, int64_t i, double sum_sq) {
   return cf;
 }
 
+// Adds the per-part accumulators `extra` (parts − 1 of [P]) into grad, then the noise and 1/D;
+// column-parallel.
+template <typename acc_t>
+void finish_region(const FusedCpuArgs& a, acc_t* grad, const acc_t* extra, int64_t parts, const NoisePlan& noise,
+                   int64_t threads) {
+  const int64_t P = a.cols;
+  const int64_t nch = divup(P, kChunk);
+  const int64_t finish_grain = std::max(divup(nch, threads), divup(kMinFinishColumns, kChunk));
+  at::parallel_for(0, nch, finish_grain, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      const int64_t col0 = c * kChunk, n = std::min(kChunk, P - col0);
+      acc_t* out = grad + col0;
+      for (int64_t p = 1; p < parts; ++p) {
+        const acc_t* src = extra + (p - 1) * P + col0;
+        for (int64_t i = 0; i < n; ++i) out[i] += src[i];
+      }
+      finish_columns(out, n, noise.column(col0), a.noise_std, a.denom);
+    }
+  });
+}
+
 template <typename scalar_t>
 void fused_rows_schedule(const FusedCpuArgs& a, int64_t parts, int64_t group, int64_t threads) {
   using acc_t = acc_type_t<scalar_t>;
@@ -300,6 +339,7 @@ void fused_rows_schedule(const FusedCpuArgs& a, int64_t parts, int64_t group, in
 
   at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
     acc_t cf[kMaxGroup];
+    double ss[kMaxGroup];
     for (int64_t p = begin; p < end; ++p) {
       const int64_t r_begin = p * per_part, r_end = std::min(B, r_begin + per_part);
       acc_t* acc = accumulator(p);
@@ -309,88 +349,126 @@ void fused_rows_schedule(const FusedCpuArgs& a, int64_t parts, int64_t group, in
       }
       for (int64_t r0 = r_begin; r0 < r_end; r0 += group) {
         const int64_t nr = std::min(group, r_end - r0);
-        for (int64_t r = 0; r < nr; ++r) {
-          cf[r] = row_coefficient<acc_t>(a, r0 + r, sum_squares(G + (r0 + r) * P, P, noise.slice(r0 + r)));
-        }
+        sum_squares_rows(G + r0 * P, P, P, nr, ss, noise.slice(r0, nr));
+        for (int64_t r = 0; r < nr; ++r) cf[r] = row_coefficient<acc_t>(a, r0 + r, ss[r]);
         accumulate_rows<scalar_t>(acc, G + r0 * P, P, P, cf, nr, r0 == r_begin);
       }
     }
   });
-
-  const int64_t nch = divup(P, kChunk);
-  const int64_t finish_grain = std::max(divup(nch, threads), divup(kMinFinishColumns, kChunk));
-  at::parallel_for(0, nch, finish_grain, [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) {
-      const int64_t col0 = c * kChunk, n = std::min(kChunk, P - col0);
-      acc_t* out = grad + col0;
-      for (int64_t p = 1; p < parts; ++p) {
-        const acc_t* src = accumulator(p) + col0;
-        for (int64_t i = 0; i < n; ++i) out[i] += src[i];
-      }
-      finish_columns(out, n, noise.column(col0), a.noise_std, a.denom);
-    }
-  });
+  finish_region(a, grad, extra.data(), parts, noise, threads);
 }
 
+// Region 1 of "columns" and "mv": the sums of squares of groups of kNormRows rows (whole rows, or
+// column pieces of at least kNormChunk when there are few groups per thread), the normals, then
+// the norms and coefficients (written to a.norms, a.coeff; run returns the coefficients).
 template <typename scalar_t>
-void fused_columns_schedule(const FusedCpuArgs& a, int64_t threads) {
-  using acc_t = acc_type_t<scalar_t>;
-  const scalar_t* G = static_cast<const scalar_t*>(a.grads);
-  acc_t* grad = static_cast<acc_t*>(a.grad);
-  const int64_t B = a.rows, P = a.cols;
-  // Norm pieces: whole rows when there are enough rows for the threads (long streams), else pieces of
-  // at least kNormChunk columns, about four per thread.
-  const int64_t piece = std::max(kNormChunk, 64 * divup(divup(P, divup(4 * threads, B)), 64));
-  const int64_t nn = divup(P, piece);
-  std::vector<double> partial(static_cast<size_t>(B * nn));
-  const auto noise_z = noise_buffer(a);
-  const NoisePlan noise(noise_z.get(), P, B * nn, std::min(piece, P), a.seed, a.offset);
-  // Region 1: (row, chunk) sums of squares, chunk-major so neighbouring tasks share a column range.
-  at::parallel_for(0, B * nn, divup(B * nn, threads), [&](int64_t begin, int64_t end) {
-    for (int64_t idx = begin; idx < end; ++idx) {
-      const int64_t c = idx / B, r = idx % B;
-      const int64_t col0 = c * piece;
-      partial[r * nn + c] = sum_squares(G + r * P + col0, std::min(piece, P - col0), noise.slice(idx));
+struct NormsRegion {
+  int64_t groups, piece, nn;
+  NoisePlan noise;
+  NormsRegion(const FusedCpuArgs& a, float* z, int64_t threads)
+      : groups(divup(a.rows, kNormRows)),
+        piece(std::max(kNormChunk, 64 * divup(divup(a.cols, divup(4 * threads, groups)), 64))),
+        nn(divup(a.cols, piece)),
+        noise(z, a.cols, groups * nn, std::min(piece, a.cols) * std::min<int64_t>(a.rows, kNormRows), a.seed,
+              a.offset) {}
+
+  std::vector<acc_type_t<scalar_t>> run(const FusedCpuArgs& a, int64_t threads) const {
+    const scalar_t* G = static_cast<const scalar_t*>(a.grads);
+    const int64_t B = a.rows, P = a.cols;
+    std::vector<double> partial(static_cast<size_t>(B * nn));
+    // (group, piece) tasks, piece-major so neighbouring tasks share a column range.
+    at::parallel_for(0, groups * nn, divup(groups * nn, threads), [&](int64_t begin, int64_t end) {
+      double ss[kNormRows];
+      for (int64_t idx = begin; idx < end; ++idx) {
+        const int64_t c = idx / groups, r0 = (idx % groups) * kNormRows;
+        const int64_t nr = std::min<int64_t>(kNormRows, B - r0), col0 = c * piece;
+        sum_squares_rows(G + r0 * P + col0, P, std::min(piece, P - col0), nr, ss, noise.slice(idx));
+        for (int64_t r = 0; r < nr; ++r) partial[(r0 + r) * nn + c] = ss[r];
+      }
+    });
+    std::vector<acc_type_t<scalar_t>> cf(static_cast<size_t>(B));
+    for (int64_t r = 0; r < B; ++r) {
+      double ss = 0.0;
+      for (int64_t c = 0; c < nn; ++c) ss += partial[r * nn + c];
+      cf[r] = row_coefficient<acc_type_t<scalar_t>>(a, r, ss);
     }
-  });
-  std::vector<acc_t> cf(static_cast<size_t>(B));
-  for (int64_t r = 0; r < B; ++r) {
-    double ss = 0.0;
-    for (int64_t c = 0; c < nn; ++c) ss += partial[r * nn + c];
-    cf[r] = row_coefficient<acc_t>(a, r, ss);
+    return cf;
   }
-  // Region 2: every row of a column chunk, in order, into the output chunk; then noise and 1/D.
+};
+
+// Region 2 of "columns": every row of a column chunk, in order, into the output chunk; then the
+// noise and 1/D.
+template <typename scalar_t>
+void accumulate_region(const FusedCpuArgs& a, const acc_type_t<scalar_t>* cf, const NoisePlan& noise,
+                       int64_t threads) {
+  const scalar_t* G = static_cast<const scalar_t*>(a.grads);
+  acc_type_t<scalar_t>* grad = static_cast<acc_type_t<scalar_t>*>(a.grad);
+  const int64_t B = a.rows, P = a.cols;
   const int64_t nch = divup(P, kChunk);
   at::parallel_for(0, nch, divup(nch, threads), [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
       const int64_t col0 = c * kChunk, n = std::min(kChunk, P - col0);
-      accumulate_rows<scalar_t>(grad + col0, G + col0, P, n, cf.data(), B, true);
+      accumulate_rows<scalar_t>(grad + col0, G + col0, P, n, cf, B, true);
       finish_columns(grad + col0, n, noise.column(col0), a.noise_std, a.denom);
     }
   });
 }
 
 template <typename scalar_t>
-void fused_step_impl(const FusedCpuArgs& a) {
+void fused_columns_schedule(const FusedCpuArgs& a, int64_t threads) {
+  const auto noise_z = noise_buffer(a);
+  const NormsRegion<scalar_t> norms(a, noise_z.get(), threads);
+  accumulate_region<scalar_t>(a, norms.run(a, threads).data(), norms.noise, threads);
+}
+
+template <typename scalar_t>
+void fused_mv_schedule(const FusedCpuArgs& a, int64_t threads) {
+  using acc_t = acc_type_t<scalar_t>;
+  const auto noise_z = noise_buffer(a);
+  const NormsRegion<scalar_t> norms(a, noise_z.get(), threads);
+  const std::vector<acc_t> cf = norms.run(a, threads);
+  cpu_gemv(a, cf.data());
+  finish_region<acc_t>(a, static_cast<acc_t*>(a.grad), nullptr, 1, norms.noise, threads);
+}
+
+// Threads for a step on [B, P]: at most one per kMinTaskBytes of gradients (tiny steps are not
+// worth the fork/join).
+template <typename scalar_t>
+int64_t step_threads(int64_t B, int64_t P) {
+  const int64_t work_bytes = B * P * static_cast<int64_t>(sizeof(scalar_t));
+  return std::clamp<int64_t>(work_bytes / kMinTaskBytes, 1, std::max(1, at::get_num_threads()));
+}
+
+// One pass of "columns" alone (cpu_passes.cpp): kNorms, region 1 with its normals (norms and
+// coefficients into a.norms, a.coeff); kAccumulate, region 2 with the coefficients a.coeff, no noise.
+template <typename scalar_t>
+void pass_impl(const FusedCpuArgs& a, CpuPass pass) {
+  const int64_t threads = step_threads<scalar_t>(a.rows, a.cols);
+  if (pass == CpuPass::kNorms) {
+    const auto noise_z = noise_buffer(a);
+    NormsRegion<scalar_t>(a, noise_z.get(), threads).run(a, threads);
+    return;
+  }
+  const NoisePlan none(nullptr, a.cols, 1, a.cols, 0, 0);
+  accumulate_region<scalar_t>(a, static_cast<const acc_type_t<scalar_t>*>(a.coeff), none, threads);
+}
+
+template <typename scalar_t>
+void fused_step_impl(const FusedCpuArgs& a, CpuSchedule schedule) {
   using acc_t = acc_type_t<scalar_t>;
   const int64_t B = a.rows, P = a.cols;
-  // Threads: at most one per kMinTaskBytes of gradients (tiny steps are not worth the fork/join).
-  const int64_t work_bytes = B * P * static_cast<int64_t>(sizeof(scalar_t));
-  const int64_t threads = std::clamp<int64_t>(work_bytes / kMinTaskBytes, 1, std::max(1, at::get_num_threads()));
-  const int64_t row_bytes = std::max<int64_t>(1, P * static_cast<int64_t>(sizeof(scalar_t)));
-  const int64_t acc_bytes = P * static_cast<int64_t>(sizeof(acc_t));
-  const int64_t budget = cpu_cache_budget(std::min(threads, B));
-  const int64_t group = std::clamp<int64_t>((budget - acc_bytes) / row_bytes, 1, kMaxGroup);
-  // "rows" reads each row from memory once, then again from cache with the accumulator (read and
-  // written once per group); "columns" reads each row from memory twice. Cache traffic costs about a
-  // quarter of memory traffic (Zen 4, docs/benchmarks.md), so "rows" wins while
-  // row + 2·acc/group < 4·row, i.e. 2·acc < 3·group·row (not so for a bf16 row with 1-row groups).
-  const bool rows_pay = 2 * acc_bytes < 3 * group * row_bytes;
-  if (row_bytes + acc_bytes <= budget && rows_pay && (B >= threads || P <= kChunk)) {
-    fused_rows_schedule<scalar_t>(a, std::min(threads, B), group, threads);
-  } else {
-    fused_columns_schedule<scalar_t>(a, threads);
+  const int64_t threads = step_threads<scalar_t>(B, P);
+  if (schedule == CpuSchedule::kRows && B > 0) {
+    const int64_t row_bytes = std::max<int64_t>(1, P * static_cast<int64_t>(sizeof(scalar_t)));
+    const int64_t acc_bytes = P * static_cast<int64_t>(sizeof(acc_t));
+    const int64_t group =
+        std::clamp<int64_t>((cpu_cache_budget(std::min(threads, B)) - acc_bytes) / row_bytes, 1, kMaxGroup);
+    return fused_rows_schedule<scalar_t>(a, std::min(threads, B), group, threads);
   }
+  if (schedule == CpuSchedule::kMv && (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>)) {
+    return fused_mv_schedule<scalar_t>(a, threads);
+  }
+  fused_columns_schedule<scalar_t>(a, threads);
 }
 
 }  // namespace
@@ -413,16 +491,29 @@ void DEMEM_NORMALS_ENTRY(float* out, int64_t n, uint64_t seed, uint64_t block0) 
 #endif
 }
 
-void DEMEM_FUSED_ENTRY(const FusedCpuArgs& args) {
+void DEMEM_PASS_ENTRY(const FusedCpuArgs& args, CpuPass pass) {
   switch (args.kind) {
     case GradKind::kHalf:
-      return fused_step_impl<c10::Half>(args);
+      return pass_impl<c10::Half>(args, pass);
     case GradKind::kBFloat16:
-      return fused_step_impl<c10::BFloat16>(args);
+      return pass_impl<c10::BFloat16>(args, pass);
     case GradKind::kFloat:
-      return fused_step_impl<float>(args);
+      return pass_impl<float>(args, pass);
     case GradKind::kDouble:
-      return fused_step_impl<double>(args);
+      return pass_impl<double>(args, pass);
+  }
+}
+
+void DEMEM_FUSED_ENTRY(const FusedCpuArgs& args, CpuSchedule schedule) {
+  switch (args.kind) {
+    case GradKind::kHalf:
+      return fused_step_impl<c10::Half>(args, schedule);
+    case GradKind::kBFloat16:
+      return fused_step_impl<c10::BFloat16>(args, schedule);
+    case GradKind::kFloat:
+      return fused_step_impl<float>(args, schedule);
+    case GradKind::kDouble:
+      return fused_step_impl<double>(args, schedule);
   }
 }
 
