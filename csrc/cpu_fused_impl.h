@@ -41,7 +41,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -72,7 +71,7 @@ using at::vec::Vectorized;
 constexpr int64_t kChunk = 65536;              // columns per accumulation task (multiple of 4 and of vector widths)
 constexpr int64_t kNormChunk = 65536;          // columns per norm task of the "columns" schedule (at least)
 constexpr int64_t kMaxGroup = 4;               // rows per group of the "rows" schedule (one sweep)
-constexpr int kNormRows = 8;                   // rows read side by side by a norm sweep (at most)
+constexpr int kNormRows = 16;                  // rows read side by side by a norm sweep (at most)
 constexpr int64_t kDrawSpacing = 2048;         // elements of a norm sweep per 32 normals drawn (at most)
 constexpr int64_t kMinTaskBytes = 512 * 1024;  // less work than this per thread is not worth a thread
 constexpr int64_t kMinFinishColumns = 8192;    // columns per task of the noise/finish region
@@ -200,79 +199,53 @@ void sum_squares_k(const scalar_t* x, int64_t stride, int64_t n, double* out, co
   }
 }
 
-// sum_squares_k for 1 <= rows <= kNormRows rows.
-template <typename scalar_t>
+// sum_squares_k for 1 <= rows <= K rows.
+template <typename scalar_t, int K = kNormRows>
 void sum_squares_rows(const scalar_t* x, int64_t stride, int64_t n, int64_t rows, double* out,
                       const NoiseSlice& noise = {}) {
-  static_assert(kNormRows == 8, "one case per row count");
-  switch (rows) {
-    case 1: return sum_squares_k<scalar_t, 1>(x, stride, n, out, noise);
-    case 2: return sum_squares_k<scalar_t, 2>(x, stride, n, out, noise);
-    case 3: return sum_squares_k<scalar_t, 3>(x, stride, n, out, noise);
-    case 4: return sum_squares_k<scalar_t, 4>(x, stride, n, out, noise);
-    case 5: return sum_squares_k<scalar_t, 5>(x, stride, n, out, noise);
-    case 6: return sum_squares_k<scalar_t, 6>(x, stride, n, out, noise);
-    case 7: return sum_squares_k<scalar_t, 7>(x, stride, n, out, noise);
-    default: return sum_squares_k<scalar_t, 8>(x, stride, n, out, noise);
+  if constexpr (K > 1) {
+    if (rows < K) return sum_squares_rows<scalar_t, K - 1>(x, stride, n, rows, out, noise);
   }
+  sum_squares_k<scalar_t, K>(x, stride, n, out, noise);
 }
 
-// acc[0:n] (+)= Σ_{r<rows} c[r]·x[r·stride + 0:n], rows in order; from zero when `fresh`.
-template <typename scalar_t>
-void accumulate_rows(acc_type_t<scalar_t>* acc, const scalar_t* x, int64_t stride, int64_t n,
-                     const acc_type_t<scalar_t>* c, int64_t rows, bool fresh) {
+// acc[0:n] += Σ_{r<R} c[r]·x[r·stride + 0:n], one sweep (acc loaded and stored once per R rows).
+template <typename scalar_t, int R>
+void accumulate_k(acc_type_t<scalar_t>* acc, const scalar_t* x, int64_t stride, int64_t n,
+                  const acc_type_t<scalar_t>* c) {
   using W = Widen<scalar_t>;
   using acc_t = typename W::acc_t;
   using AV = Vectorized<acc_t>;
   constexpr int64_t kAccW = AV::size();
   const int64_t n_vec = n - n % W::kStep;
-  if (fresh) std::fill(acc, acc + n, acc_t(0));
+  AV cv[R];
+  for (int k = 0; k < R; ++k) cv[k] = AV(c[k]);
+  for (int64_t i = 0; i < n_vec; i += W::kStep) {
+    AV g[R][W::kN];
+    for (int k = 0; k < R; ++k) W::load(x + k * stride + i, g[k]);
+    for (int q = 0; q < W::kN; ++q) {
+      AV a = AV::loadu(acc + i + q * kAccW);
+      for (int k = 0; k < R; ++k) a = at::vec::fmadd(cv[k], g[k][q], a);
+      a.store(acc + i + q * kAccW);
+    }
+  }
+  for (int64_t i = n_vec; i < n; ++i) {
+    acc_t a = acc[i];
+    for (int k = 0; k < R; ++k) a = a + c[k] * static_cast<acc_t>(x[k * stride + i]);
+    acc[i] = a;
+  }
+}
+
+// acc[0:n] (+)= Σ_{r<rows} c[r]·x[r·stride + 0:n], rows in order; from zero when `fresh`. Eight rows
+// a sweep (eight memory streams), then four, then one.
+template <typename scalar_t>
+void accumulate_rows(acc_type_t<scalar_t>* acc, const scalar_t* x, int64_t stride, int64_t n,
+                     const acc_type_t<scalar_t>* c, int64_t rows, bool fresh) {
+  if (fresh) std::fill(acc, acc + n, acc_type_t<scalar_t>(0));
   int64_t r = 0;
-  // Four rows per sweep: the accumulator is loaded and stored once per four rows.
-  for (; r + 4 <= rows; r += 4) {
-    const scalar_t* x0 = x + r * stride;
-    const scalar_t* x1 = x0 + stride;
-    const scalar_t* x2 = x1 + stride;
-    const scalar_t* x3 = x2 + stride;
-    const AV c0(c[r]), c1(c[r + 1]), c2(c[r + 2]), c3(c[r + 3]);
-    for (int64_t i = 0; i < n_vec; i += W::kStep) {
-      AV g0[W::kN], g1[W::kN], g2[W::kN], g3[W::kN];
-      W::load(x0 + i, g0);
-      W::load(x1 + i, g1);
-      W::load(x2 + i, g2);
-      W::load(x3 + i, g3);
-      for (int q = 0; q < W::kN; ++q) {
-        AV a = AV::loadu(acc + i + q * kAccW);
-        a = at::vec::fmadd(c0, g0[q], a);
-        a = at::vec::fmadd(c1, g1[q], a);
-        a = at::vec::fmadd(c2, g2[q], a);
-        a = at::vec::fmadd(c3, g3[q], a);
-        a.store(acc + i + q * kAccW);
-      }
-    }
-    for (int64_t i = n_vec; i < n; ++i) {
-      acc_t a = acc[i];
-      a = a + c[r] * static_cast<acc_t>(x0[i]);
-      a = a + c[r + 1] * static_cast<acc_t>(x1[i]);
-      a = a + c[r + 2] * static_cast<acc_t>(x2[i]);
-      a = a + c[r + 3] * static_cast<acc_t>(x3[i]);
-      acc[i] = a;
-    }
-  }
-  for (; r < rows; ++r) {
-    const scalar_t* x0 = x + r * stride;
-    const AV c0(c[r]);
-    for (int64_t i = 0; i < n_vec; i += W::kStep) {
-      AV g0[W::kN];
-      W::load(x0 + i, g0);
-      for (int q = 0; q < W::kN; ++q) {
-        AV a = AV::loadu(acc + i + q * kAccW);
-        a = at::vec::fmadd(c0, g0[q], a);
-        a.store(acc + i + q * kAccW);
-      }
-    }
-    for (int64_t i = n_vec; i < n; ++i) acc[i] = acc[i] + c[r] * static_cast<acc_t>(x0[i]);
-  }
+  for (; r + 8 <= rows; r += 8) accumulate_k<scalar_t, 8>(acc, x + r * stride, stride, n, c + r);
+  for (; r + 4 <= rows; r += 4) accumulate_k<scalar_t, 4>(acc, x + r * stride, stride, n, c + r);
+  for (; r < rows; ++r) accumulate_k<scalar_t, 1>(acc, x + r * stride, stride, n, c + r);
 }
 
 // out[0:n] = (out + std·z[0:n]) / denom; without noise (z == nullptr), out / denom.
@@ -287,9 +260,13 @@ void finish_columns(acc_t* out, int64_t n, const float* z, double noise_std, dou
   for (int64_t i = 0; i < n; ++i) out[i] = (out[i] + s * static_cast<acc_t>(z[i])) / d;
 }
 
-// The noise buffer of a step: P floats when there is noise, else empty (the plan's z is nullptr).
-inline std::unique_ptr<float[]> noise_buffer(const FusedCpuArgs& a) {
-  return a.noise_std > 0 ? std::unique_ptr<float[]>(new float[static_cast<size_t>(a.cols)]) : nullptr;
+// The noise buffer of a step: P floats when there is noise, else nullptr. The calling thread's
+// later steps reuse it (a fresh allocation each step would page-fault on every first touch).
+inline float* noise_buffer(const FusedCpuArgs& a) {
+  if (a.noise_std <= 0) return nullptr;
+  thread_local std::vector<float> buffer;
+  if (buffer.size() < static_cast<size_t>(a.cols)) buffer.resize(static_cast<size_t>(a.cols));
+  return buffer.data();
 }
 
 // Norm, clip factor and coefficient of row i from its sum of squares; writes norms[i], coeff[i].
@@ -334,8 +311,8 @@ void fused_rows_schedule(const FusedCpuArgs& a, int64_t parts, int64_t group, in
   std::vector<acc_t> extra(static_cast<size_t>((parts - 1) * P));
   auto accumulator = [&](int64_t p) { return p == 0 ? grad : extra.data() + (p - 1) * P; };
   const int64_t per_part = divup(B, parts);
-  const auto noise_z = noise_buffer(a);
-  const NoisePlan noise(noise_z.get(), P, B, P, a.seed, a.offset);
+  float* const noise_z = noise_buffer(a);
+  const NoisePlan noise(noise_z, P, B, P, a.seed, a.offset);
 
   at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
     acc_t cf[kMaxGroup];
@@ -416,16 +393,16 @@ void accumulate_region(const FusedCpuArgs& a, const acc_type_t<scalar_t>* cf, co
 
 template <typename scalar_t>
 void fused_columns_schedule(const FusedCpuArgs& a, int64_t threads) {
-  const auto noise_z = noise_buffer(a);
-  const NormsRegion<scalar_t> norms(a, noise_z.get(), threads);
+  float* const noise_z = noise_buffer(a);
+  const NormsRegion<scalar_t> norms(a, noise_z, threads);
   accumulate_region<scalar_t>(a, norms.run(a, threads).data(), norms.noise, threads);
 }
 
 template <typename scalar_t>
 void fused_mv_schedule(const FusedCpuArgs& a, int64_t threads) {
   using acc_t = acc_type_t<scalar_t>;
-  const auto noise_z = noise_buffer(a);
-  const NormsRegion<scalar_t> norms(a, noise_z.get(), threads);
+  float* const noise_z = noise_buffer(a);
+  const NormsRegion<scalar_t> norms(a, noise_z, threads);
   const std::vector<acc_t> cf = norms.run(a, threads);
   cpu_gemv(a, cf.data());
   finish_region<acc_t>(a, static_cast<acc_t*>(a.grad), nullptr, 1, norms.noise, threads);
@@ -445,8 +422,8 @@ template <typename scalar_t>
 void pass_impl(const FusedCpuArgs& a, CpuPass pass) {
   const int64_t threads = step_threads<scalar_t>(a.rows, a.cols);
   if (pass == CpuPass::kNorms) {
-    const auto noise_z = noise_buffer(a);
-    NormsRegion<scalar_t>(a, noise_z.get(), threads).run(a, threads);
+    float* const noise_z = noise_buffer(a);
+    NormsRegion<scalar_t>(a, noise_z, threads).run(a, threads);
     return;
   }
   const NoisePlan none(nullptr, a.cols, 1, a.cols, 0, 0);
