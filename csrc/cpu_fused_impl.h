@@ -10,7 +10,7 @@
 // expensive):
 //
 // "rows": the rows are split into one contiguous range per thread. A thread takes its rows in small
-//   groups: the norms of the group (float64 sums of squares, the rows read side by side; the rows
+//   groups: the norms of the group (sums of squares, see sum_squares_k; the rows read side by side; the rows
 //   are now in cache), their clip factors and coefficients (the weights are known beforehand), then
 //   one sweep acc += Σ_r coeff_r·g_r into its own accumulator [P] while the rows are still in cache.
 //   G is read from memory once. Region 2 adds the per-thread accumulators in thread order, the
@@ -20,8 +20,9 @@
 //   with few groups per thread, over column pieces; then the coefficients; region 2, parallel over
 //   column chunks, accumulates every row of its chunk in order into the output (the chunk stays in
 //   L2), adds the noise and divides by D. G is read twice, each time as a few long streams.
-// "mv": region 1 of "columns", then at::mv for coeffᵀG, then the noise and 1/D.
-// In both, the normals ξ are drawn during region 1's norm sweeps into a buffer [P] (NoisePlan):
+// "mv": region 1 of "columns", then torch's matrix product (at::mm, what `coeff @ G` runs) for
+//   coeffᵀG, then the noise and 1/D (float32/float64 gradients).
+// In all three, the normals ξ are drawn during region 1's norm sweeps into a buffer [P] (NoisePlan):
 // Philox and Box–Muller are compute-bound and hide, in part, in the memory-bound sweeps.
 //
 // The AVX2 build converts floats to doubles with the AVX instruction (ATen's generic conversion
@@ -159,14 +160,35 @@ struct NoisePlan {
   }
 };
 
-// out[k] = Σ x[k·stride + 0:n]², accumulated in float64, for the K rows, read side by side; draws
-// the normals of `noise` in between (spread over the sweep, 32 at a time). The sums do not depend on
-// the noise (same accumulators, same order). Two accumulators per row for up to four rows, one for
-// more (enough independent FMA chains either way, and no register spills).
+// Adds a float vector to float64 accumulators (a0 += low half, a1 += high half).
+inline void add_widened(const Vectorized<float>& v, Vectorized<double>& a0, Vectorized<double>& a1) {
+#if defined(CPU_CAPABILITY_AVX2)
+  const __m256 f = v;
+  a0 = a0 + Vectorized<double>(_mm256_cvtps_pd(_mm256_castps256_ps128(f)));
+  a1 = a1 + Vectorized<double>(_mm256_cvtps_pd(_mm256_extractf128_ps(f, 1)));
+#else
+  auto d = at::vec::convert<double, 2, float, 1>(at::vec::VectorizedN<float, 1>(v));
+  a0 = a0 + d[0];
+  a1 = a1 + d[1];
+#endif
+}
+
+// Squares of float32 and float64 rows are added in float64 (a float's square is exact there).
+// Squares of bfloat16 and float16 rows are exact in float32: they are added in float32 over
+// blocks of kReducedBlock vectors (kReducedBlock·2 terms per lane, relative error below
+// 2·kReducedBlock·2⁻²⁴, far inside these types' rounding), then the blocks in float64. The
+// reduced types' norm sweeps are then as cheap per byte as the float32 ones.
+constexpr int64_t kReducedBlock = 32;
+
+// out[k] = Σ x[k·stride + 0:n]² for the K rows, read side by side (see above for the accumulation);
+// draws the normals of `noise` in between (spread over the sweep, 32 at a time). The sums do not
+// depend on the noise (same accumulators, same order). Two float64 accumulators per row for up to
+// four rows, one for more (enough independent FMA chains either way, few register spills).
 template <typename scalar_t, int K>
 void sum_squares_k(const scalar_t* x, int64_t stride, int64_t n, double* out, const NoiseSlice& noise) {
   using W = Widen<scalar_t>;
   using acc_t = typename W::acc_t;
+  constexpr bool kReduced = W::kN == 2;
   constexpr int kA = K <= 4 ? 2 : 1;
   Vectorized<double> a[K][2];
   for (int k = 0; k < K; ++k) a[k][0] = a[k][1] = Vectorized<double>(0.0);
@@ -175,11 +197,28 @@ void sum_squares_k(const scalar_t* x, int64_t stride, int64_t n, double* out, co
   int64_t i = 0;
   for (int64_t d = 0; d <= draws; ++d) {
     const int64_t stop = d == draws ? vec_end : (vec_end / W::kStep) * (d + 1) / (draws + 1) * W::kStep;
-    for (; i < stop; i += W::kStep) {
-      for (int k = 0; k < K; ++k) {
-        Vectorized<acc_t> u[W::kN];
-        W::load(x + k * stride + i, u);
-        for (int q = 0; q < W::kN; ++q) add_squares(u[q], a[k][0], a[k][kA - 1]);
+    if constexpr (kReduced) {
+      while (i < stop) {
+        const int64_t block_end = std::min(stop, i + kReducedBlock * W::kStep);
+        Vectorized<float> f[K];
+        for (int k = 0; k < K; ++k) f[k] = Vectorized<float>(0.0f);
+        for (; i < block_end; i += W::kStep) {
+          for (int k = 0; k < K; ++k) {
+            Vectorized<float> u[2];
+            W::load(x + k * stride + i, u);
+            f[k] = at::vec::fmadd(u[0], u[0], f[k]);
+            f[k] = at::vec::fmadd(u[1], u[1], f[k]);
+          }
+        }
+        for (int k = 0; k < K; ++k) add_widened(f[k], a[k][0], a[k][kA - 1]);
+      }
+    } else {
+      for (; i < stop; i += W::kStep) {
+        for (int k = 0; k < K; ++k) {
+          Vectorized<acc_t> u[W::kN];
+          W::load(x + k * stride + i, u);
+          for (int q = 0; q < W::kN; ++q) add_squares(u[q], a[k][0], a[k][kA - 1]);
+        }
       }
     }
     if (d < draws) {

@@ -1,7 +1,7 @@
 // The two passes of the fused CPU step's "columns" schedule as ops, so that the benchmark can time
 // each against the torch op that does the same work (vector_norm, mv), in the same run:
 //   demem::cpu_fused_pass(Tensor grads, Tensor coeff, str which) -> Tensor
-//   pass "norms":      the row norms [B] (float64 sums of squares, with the normals of σ = 1 drawn
+//   pass "norms":      the row norms [B] (sums of squares as in the step, with the normals of σ = 1 drawn
 //                      during the sweeps, as in the step); coeff is not read
 //   pass "accumulate": coeffᵀG [P] (coeff [B] in the accumulation dtype)
 // Outputs in the accumulation dtype (float64 for float64 gradients, float32 otherwise).

@@ -58,7 +58,9 @@ def test_passes_match_torch(dtype, shape):
     norms = torch.ops.demem.cpu_fused_pass(grads, coeff, "norms")
     g64 = grads.double()
     assert norms.dtype == acc
-    torch.testing.assert_close(norms.double(), torch.linalg.vector_norm(g64, dim=1), rtol=1e-6, atol=0)
+    # float64 sums for float32/float64; float32 blocks of 64 exact squares for bf16/fp16 (rel. error < 64·2⁻²⁴)
+    rtol = 1e-6 if dtype in (torch.float32, torch.float64) else 64 * 2.0**-24
+    torch.testing.assert_close(norms.double(), torch.linalg.vector_norm(g64, dim=1), rtol=rtol, atol=0)
     out = torch.ops.demem.cpu_fused_pass(grads, coeff, "accumulate")
     assert out.dtype == acc and out.shape == (shape[1],)
     u = 2.0**-53 if dtype == torch.float64 else 2.0**-24
