@@ -25,8 +25,8 @@ GB/s counts the bytes each step must move: G read once (B·P·itemsize) plus the
 output; the copy's GB/s counts its bytes read plus written (2·B·P·itemsize). The ratios ref/ext,
 exact/ext and opacus/ext are time ratios from the same run; "ext % copy" is ext GB/s as a percentage
 of copy GB/s (on CUDA also "2pass%copy": the bytes of the kernel's two reads of G, the measure of
-issue 6's GPU target). Before every timed call a buffer larger than the last-level cache is overwritten, so
-that no column starts with G in cache (--no-flush turns this off).
+issue 6's GPU target). Before every timed call a buffer of FLUSH_BYTES is overwritten, so that no column
+starts with G in a cache smaller than that (--no-flush turns this off).
 """
 
 from __future__ import annotations
