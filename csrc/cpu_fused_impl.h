@@ -1,25 +1,28 @@
 // The CPU fused DeMem step and the Philox normals, written once (at::vec::Vectorized; AVX2
 // intrinsics where ATen has no fast equivalent) and compiled twice:
 // cpu_kernels.cpp (the default build flags) and cpu_kernels_avx2.cpp (AVX2/FMA/F16C, chosen at run
-// time on CPUs that have them). The includer defines DEMEM_FUSED_ENTRY and DEMEM_NORMALS_ENTRY, the
-// names of the two entry points (the fused step; Philox normals of a column range).
+// time on CPUs that have them). The includer defines DEMEM_FUSED_ENTRY, DEMEM_NORMALS_ENTRY and
+// DEMEM_PASS_ENTRY, the names of the entry points (the fused step with a given schedule; Philox
+// normals of a column range; one pass of the "columns" schedule alone, for the benchmark).
 //
-// Two schedules, each with two parallel regions (few synchronisations: a loaded machine with more
-// runnable threads than cores makes every barrier expensive):
+// Three schedules (cpu_schedule.h; cpu_schedule.cpp chooses one), each with two parallel regions
+// (few synchronisations: a loaded machine with more runnable threads than cores makes every barrier
+// expensive):
 //
-// "rows" (a group of rows and an accumulator [P] fit in this thread's share of the cache, see
-//   cpu_cache_budget, and re-reading them from cache beats a second pass over memory; B >= threads):
-//   the rows are split into one contiguous range per thread. A thread takes its rows in small groups: the norms of the group (float64 sums of squares; the rows
+// "rows": the rows are split into one contiguous range per thread. A thread takes its rows in small
+//   groups: the norms of the group (sums of squares, see sum_squares_k; the rows read side by side; the rows
 //   are now in cache), their clip factors and coefficients (the weights are known beforehand), then
 //   one sweep acc += Σ_r coeff_r·g_r into its own accumulator [P] while the rows are still in cache.
 //   G is read from memory once. Region 2 adds the per-thread accumulators in thread order, the
 //   noise σ·C·ξ, and divides by D, column-parallel.
-// "columns" (long rows that do not fit, or fewer rows than threads): region 1 computes sums of
-//   squares of whole rows (or, with fewer rows than threads, of row pieces) in parallel; then the
-//   coefficients; region 2, parallel over column chunks, accumulates every row of its chunk in order
-//   into the output (the chunk stays in L2), adds the noise and divides by D. G is read twice, each
-//   time as long streams.
-// In both, the normals ξ are drawn during region 1's norm sweeps into a buffer [P] (NoisePlan):
+// "columns": region 1 computes sums of squares of groups of kNormRows rows read side by side (one
+//   memory stream alone does not reach a core's bandwidth on an Intel Xeon), over whole rows or,
+//   with few groups per thread, over column pieces; then the coefficients; region 2, parallel over
+//   column chunks, accumulates every row of its chunk in order into the output (the chunk stays in
+//   L2), adds the noise and divides by D. G is read twice, each time as a few long streams.
+// "mv": region 1 of "columns", then torch's matrix product (at::mm, what `coeff @ G` runs) for
+//   coeffᵀG, then the noise and 1/D (float32/float64 gradients).
+// In all three, the normals ξ are drawn during region 1's norm sweeps into a buffer [P] (NoisePlan):
 // Philox and Box–Muller are compute-bound and hide, in part, in the memory-bound sweeps.
 //
 // The AVX2 build converts floats to doubles with the AVX instruction (ATen's generic conversion
@@ -39,15 +42,15 @@
 
 #include <algorithm>
 #include <cmath>
-#include <memory>
 #include <type_traits>
 #include <vector>
 
+#include "cpu_schedule.h"
 #include "demem_common.h"
 #include "demem_kernels.h"
 
-#if !defined(DEMEM_FUSED_ENTRY) || !defined(DEMEM_NORMALS_ENTRY)
-#error "define DEMEM_FUSED_ENTRY and DEMEM_NORMALS_ENTRY before including cpu_fused_impl.h"
+#if !defined(DEMEM_FUSED_ENTRY) || !defined(DEMEM_NORMALS_ENTRY) || !defined(DEMEM_PASS_ENTRY)
+#error "define DEMEM_FUSED_ENTRY, DEMEM_NORMALS_ENTRY and DEMEM_PASS_ENTRY before including cpu_fused_impl.h"
 #endif
 
 #if defined(CPU_CAPABILITY_AVX2)
@@ -57,9 +60,6 @@
 #endif
 
 namespace demem {
-
-// Bytes of cache one of `threads` threads may fill with rows and an accumulator (cpu_kernels.cpp).
-int64_t cpu_cache_budget(int64_t threads);
 
 // out[0:n] = the Philox normals of elements 4·block0 .. 4·block0 + n − 1 of the stream `seed`
 // (element j: block j/4, lane j%4). Serial; defined below for this build.
@@ -72,6 +72,7 @@ using at::vec::Vectorized;
 constexpr int64_t kChunk = 65536;              // columns per accumulation task (multiple of 4 and of vector widths)
 constexpr int64_t kNormChunk = 65536;          // columns per norm task of the "columns" schedule (at least)
 constexpr int64_t kMaxGroup = 4;               // rows per group of the "rows" schedule (one sweep)
+constexpr int kNormRows = 16;                  // rows read side by side by a norm sweep (at most)
 constexpr int64_t kDrawSpacing = 2048;         // elements of a norm sweep per 32 normals drawn (at most)
 constexpr int64_t kMinTaskBytes = 512 * 1024;  // less work than this per thread is not worth a thread
 constexpr int64_t kMinFinishColumns = 8192;    // columns per task of the noise/finish region
@@ -151,33 +152,73 @@ struct NoisePlan {
         seed(seed_),
         offset(offset_) {}
   const float* column(int64_t col0) const { return z == nullptr ? nullptr : z + col0; }
-  NoiseSlice slice(int64_t item) const {
+  // The normals of items item .. item + count − 1 (contiguous in z).
+  NoiseSlice slice(int64_t item, int64_t count = 1) const {
     if (z == nullptr) return {};
-    const int64_t lo = std::min(total, item * per_item), hi = std::min(total, lo + per_item);
+    const int64_t lo = std::min(total, item * per_item), hi = std::min(total, (item + count) * per_item);
     return {z + lo, hi - lo, seed, offset + static_cast<uint64_t>(lo / 4)};
   }
 };
 
-// Σ x² over n elements, accumulated in float64; draws the normals of `noise` in between (spread
-// over the sweep, 32 at a time). The sum does not depend on the noise (same accumulators, same order).
-template <typename scalar_t>
-double sum_squares(const scalar_t* x, int64_t n, const NoiseSlice& noise = {}) {
+// Adds a float vector to float64 accumulators (a0 += low half, a1 += high half).
+inline void add_widened(const Vectorized<float>& v, Vectorized<double>& a0, Vectorized<double>& a1) {
+#if defined(CPU_CAPABILITY_AVX2)
+  const __m256 f = v;
+  a0 = a0 + Vectorized<double>(_mm256_cvtps_pd(_mm256_castps256_ps128(f)));
+  a1 = a1 + Vectorized<double>(_mm256_cvtps_pd(_mm256_extractf128_ps(f, 1)));
+#else
+  auto d = at::vec::convert<double, 2, float, 1>(at::vec::VectorizedN<float, 1>(v));
+  a0 = a0 + d[0];
+  a1 = a1 + d[1];
+#endif
+}
+
+// Squares of float32 and float64 rows are added in float64 (a float's square is exact there).
+// Squares of bfloat16 and float16 rows are exact in float32: they are added in float32 over
+// blocks of kReducedBlock vectors (kReducedBlock·2 terms per lane, relative error below
+// 2·kReducedBlock·2⁻²⁴, far inside these types' rounding), then the blocks in float64. The
+// reduced types' norm sweeps are then as cheap per byte as the float32 ones.
+constexpr int64_t kReducedBlock = 32;
+
+// out[k] = Σ x[k·stride + 0:n]² for the K rows, read side by side (see above for the accumulation);
+// draws the normals of `noise` in between (spread over the sweep, 32 at a time). The sums do not
+// depend on the noise (same accumulators, same order). Two float64 accumulators per row for up to
+// four rows, one for more (enough independent FMA chains either way, few register spills).
+template <typename scalar_t, int K>
+void sum_squares_k(const scalar_t* x, int64_t stride, int64_t n, double* out, const NoiseSlice& noise) {
   using W = Widen<scalar_t>;
   using acc_t = typename W::acc_t;
-  constexpr int64_t kPair = 2 * W::kStep;
-  Vectorized<double> a0(0.0), a1(0.0), b0(0.0), b1(0.0);
-  const int64_t pairs_end = n - n % kPair;
+  constexpr bool kReduced = W::kN == 2;
+  constexpr int kA = K <= 4 ? 2 : 1;
+  Vectorized<double> a[K][2];
+  for (int k = 0; k < K; ++k) a[k][0] = a[k][1] = Vectorized<double>(0.0);
+  const int64_t vec_end = n - n % W::kStep;
   const int64_t draws = divup(noise.count, 32);
   int64_t i = 0;
   for (int64_t d = 0; d <= draws; ++d) {
-    const int64_t stop = d == draws ? pairs_end : (pairs_end / kPair) * (d + 1) / (draws + 1) * kPair;
-    for (; i < stop; i += kPair) {
-      Vectorized<acc_t> u[W::kN], v[W::kN];
-      W::load(x + i, u);
-      W::load(x + i + W::kStep, v);
-      for (int q = 0; q < W::kN; ++q) {
-        add_squares(u[q], a0, a1);
-        add_squares(v[q], b0, b1);
+    const int64_t stop = d == draws ? vec_end : (vec_end / W::kStep) * (d + 1) / (draws + 1) * W::kStep;
+    if constexpr (kReduced) {
+      while (i < stop) {
+        const int64_t block_end = std::min(stop, i + kReducedBlock * W::kStep);
+        Vectorized<float> f[K];
+        for (int k = 0; k < K; ++k) f[k] = Vectorized<float>(0.0f);
+        for (; i < block_end; i += W::kStep) {
+          for (int k = 0; k < K; ++k) {
+            Vectorized<float> u[2];
+            W::load(x + k * stride + i, u);
+            f[k] = at::vec::fmadd(u[0], u[0], f[k]);
+            f[k] = at::vec::fmadd(u[1], u[1], f[k]);
+          }
+        }
+        for (int k = 0; k < K; ++k) add_widened(f[k], a[k][0], a[k][kA - 1]);
+      }
+    } else {
+      for (; i < stop; i += W::kStep) {
+        for (int k = 0; k < K; ++k) {
+          Vectorized<acc_t> u[W::kN];
+          W::load(x + k * stride + i, u);
+          for (int q = 0; q < W::kN; ++q) add_squares(u[q], a[k][0], a[k][kA - 1]);
+        }
       }
     }
     if (d < draws) {
@@ -185,76 +226,65 @@ double sum_squares(const scalar_t* x, int64_t n, const NoiseSlice& noise = {}) {
                           noise.block0 + static_cast<uint64_t>(8 * d));
     }
   }
-  for (; i + W::kStep <= n; i += W::kStep) {
-    Vectorized<acc_t> u[W::kN];
-    W::load(x + i, u);
-    for (int q = 0; q < W::kN; ++q) add_squares(u[q], a0, a1);
+  for (int k = 0; k < K; ++k) {
+    double total = at::vec::vec_reduce_all<double>(
+        [](const Vectorized<double>& p, const Vectorized<double>& q) { return p + q; },
+        kA == 2 ? a[k][0] + a[k][1] : a[k][0]);
+    for (int64_t j = vec_end; j < n; ++j) {
+      const double v = static_cast<double>(x[k * stride + j]);
+      total += v * v;
+    }
+    out[k] = total;
   }
-  double total = at::vec::vec_reduce_all<double>(
-      [](const Vectorized<double>& p, const Vectorized<double>& q) { return p + q; }, (a0 + a1) + (b0 + b1));
-  for (; i < n; ++i) {
-    const double v = static_cast<double>(x[i]);
-    total += v * v;
-  }
-  return total;
 }
 
-// acc[0:n] (+)= Σ_{r<rows} c[r]·x[r·stride + 0:n], rows in order; from zero when `fresh`.
-template <typename scalar_t>
-void accumulate_rows(acc_type_t<scalar_t>* acc, const scalar_t* x, int64_t stride, int64_t n,
-                     const acc_type_t<scalar_t>* c, int64_t rows, bool fresh) {
+// sum_squares_k for 1 <= rows <= K rows.
+template <typename scalar_t, int K = kNormRows>
+void sum_squares_rows(const scalar_t* x, int64_t stride, int64_t n, int64_t rows, double* out,
+                      const NoiseSlice& noise = {}) {
+  if constexpr (K > 1) {
+    if (rows < K) return sum_squares_rows<scalar_t, K - 1>(x, stride, n, rows, out, noise);
+  }
+  sum_squares_k<scalar_t, K>(x, stride, n, out, noise);
+}
+
+// acc[0:n] += Σ_{r<R} c[r]·x[r·stride + 0:n], one sweep (acc loaded and stored once per R rows).
+template <typename scalar_t, int R>
+void accumulate_k(acc_type_t<scalar_t>* acc, const scalar_t* x, int64_t stride, int64_t n,
+                  const acc_type_t<scalar_t>* c) {
   using W = Widen<scalar_t>;
   using acc_t = typename W::acc_t;
   using AV = Vectorized<acc_t>;
   constexpr int64_t kAccW = AV::size();
   const int64_t n_vec = n - n % W::kStep;
-  if (fresh) std::fill(acc, acc + n, acc_t(0));
+  AV cv[R];
+  for (int k = 0; k < R; ++k) cv[k] = AV(c[k]);
+  for (int64_t i = 0; i < n_vec; i += W::kStep) {
+    AV g[R][W::kN];
+    for (int k = 0; k < R; ++k) W::load(x + k * stride + i, g[k]);
+    for (int q = 0; q < W::kN; ++q) {
+      AV a = AV::loadu(acc + i + q * kAccW);
+      for (int k = 0; k < R; ++k) a = at::vec::fmadd(cv[k], g[k][q], a);
+      a.store(acc + i + q * kAccW);
+    }
+  }
+  for (int64_t i = n_vec; i < n; ++i) {
+    acc_t a = acc[i];
+    for (int k = 0; k < R; ++k) a = a + c[k] * static_cast<acc_t>(x[k * stride + i]);
+    acc[i] = a;
+  }
+}
+
+// acc[0:n] (+)= Σ_{r<rows} c[r]·x[r·stride + 0:n], rows in order; from zero when `fresh`. Eight rows
+// a sweep (eight memory streams), then four, then one.
+template <typename scalar_t>
+void accumulate_rows(acc_type_t<scalar_t>* acc, const scalar_t* x, int64_t stride, int64_t n,
+                     const acc_type_t<scalar_t>* c, int64_t rows, bool fresh) {
+  if (fresh) std::fill(acc, acc + n, acc_type_t<scalar_t>(0));
   int64_t r = 0;
-  // Four rows per sweep: the accumulator is loaded and stored once per four rows.
-  for (; r + 4 <= rows; r += 4) {
-    const scalar_t* x0 = x + r * stride;
-    const scalar_t* x1 = x0 + stride;
-    const scalar_t* x2 = x1 + stride;
-    const scalar_t* x3 = x2 + stride;
-    const AV c0(c[r]), c1(c[r + 1]), c2(c[r + 2]), c3(c[r + 3]);
-    for (int64_t i = 0; i < n_vec; i += W::kStep) {
-      AV g0[W::kN], g1[W::kN], g2[W::kN], g3[W::kN];
-      W::load(x0 + i, g0);
-      W::load(x1 + i, g1);
-      W::load(x2 + i, g2);
-      W::load(x3 + i, g3);
-      for (int q = 0; q < W::kN; ++q) {
-        AV a = AV::loadu(acc + i + q * kAccW);
-        a = at::vec::fmadd(c0, g0[q], a);
-        a = at::vec::fmadd(c1, g1[q], a);
-        a = at::vec::fmadd(c2, g2[q], a);
-        a = at::vec::fmadd(c3, g3[q], a);
-        a.store(acc + i + q * kAccW);
-      }
-    }
-    for (int64_t i = n_vec; i < n; ++i) {
-      acc_t a = acc[i];
-      a = a + c[r] * static_cast<acc_t>(x0[i]);
-      a = a + c[r + 1] * static_cast<acc_t>(x1[i]);
-      a = a + c[r + 2] * static_cast<acc_t>(x2[i]);
-      a = a + c[r + 3] * static_cast<acc_t>(x3[i]);
-      acc[i] = a;
-    }
-  }
-  for (; r < rows; ++r) {
-    const scalar_t* x0 = x + r * stride;
-    const AV c0(c[r]);
-    for (int64_t i = 0; i < n_vec; i += W::kStep) {
-      AV g0[W::kN];
-      W::load(x0 + i, g0);
-      for (int q = 0; q < W::kN; ++q) {
-        AV a = AV::loadu(acc + i + q * kAccW);
-        a = at::vec::fmadd(c0, g0[q], a);
-        a.store(acc + i + q * kAccW);
-      }
-    }
-    for (int64_t i = n_vec; i < n; ++i) acc[i] = acc[i] + c[r] * static_cast<acc_t>(x0[i]);
-  }
+  for (; r + 8 <= rows; r += 8) accumulate_k<scalar_t, 8>(acc, x + r * stride, stride, n, c + r);
+  for (; r + 4 <= rows; r += 4) accumulate_k<scalar_t, 4>(acc, x + r * stride, stride, n, c + r);
+  for (; r < rows; ++r) accumulate_k<scalar_t, 1>(acc, x + r * stride, stride, n, c + r);
 }
 
 // out[0:n] = (out + std·z[0:n]) / denom; without noise (z == nullptr), out / denom.
@@ -269,9 +299,13 @@ void finish_columns(acc_t* out, int64_t n, const float* z, double noise_std, dou
   for (int64_t i = 0; i < n; ++i) out[i] = (out[i] + s * static_cast<acc_t>(z[i])) / d;
 }
 
-// The noise buffer of a step: P floats when there is noise, else empty (the plan's z is nullptr).
-inline std::unique_ptr<float[]> noise_buffer(const FusedCpuArgs& a) {
-  return a.noise_std > 0 ? std::unique_ptr<float[]>(new float[static_cast<size_t>(a.cols)]) : nullptr;
+// The noise buffer of a step: P floats when there is noise, else nullptr. The calling thread's
+// later steps reuse it (a fresh allocation each step would page-fault on every first touch).
+inline float* noise_buffer(const FusedCpuArgs& a) {
+  if (a.noise_std <= 0) return nullptr;
+  thread_local std::vector<float> buffer;
+  if (buffer.size() < static_cast<size_t>(a.cols)) buffer.resize(static_cast<size_t>(a.cols));
+  return buffer.data();
 }
 
 // Norm, clip factor and coefficient of row i from its sum of squares; writes norms[i], coeff[i].
@@ -285,6 +319,27 @@ inline acc_t row_coefficient(const FusedCpuArgs& a, int64_t i, double sum_sq) {
   return cf;
 }
 
+// Adds the per-part accumulators `extra` (parts − 1 of [P]) into grad, then the noise and 1/D;
+// column-parallel.
+template <typename acc_t>
+void finish_region(const FusedCpuArgs& a, acc_t* grad, const acc_t* extra, int64_t parts, const NoisePlan& noise,
+                   int64_t threads) {
+  const int64_t P = a.cols;
+  const int64_t nch = divup(P, kChunk);
+  const int64_t finish_grain = std::max(divup(nch, threads), divup(kMinFinishColumns, kChunk));
+  at::parallel_for(0, nch, finish_grain, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      const int64_t col0 = c * kChunk, n = std::min(kChunk, P - col0);
+      acc_t* out = grad + col0;
+      for (int64_t p = 1; p < parts; ++p) {
+        const acc_t* src = extra + (p - 1) * P + col0;
+        for (int64_t i = 0; i < n; ++i) out[i] += src[i];
+      }
+      finish_columns(out, n, noise.column(col0), a.noise_std, a.denom);
+    }
+  });
+}
+
 template <typename scalar_t>
 void fused_rows_schedule(const FusedCpuArgs& a, int64_t parts, int64_t group, int64_t threads) {
   using acc_t = acc_type_t<scalar_t>;
@@ -295,11 +350,12 @@ void fused_rows_schedule(const FusedCpuArgs& a, int64_t parts, int64_t group, in
   std::vector<acc_t> extra(static_cast<size_t>((parts - 1) * P));
   auto accumulator = [&](int64_t p) { return p == 0 ? grad : extra.data() + (p - 1) * P; };
   const int64_t per_part = divup(B, parts);
-  const auto noise_z = noise_buffer(a);
-  const NoisePlan noise(noise_z.get(), P, B, P, a.seed, a.offset);
+  float* const noise_z = noise_buffer(a);
+  const NoisePlan noise(noise_z, P, B, P, a.seed, a.offset);
 
   at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
     acc_t cf[kMaxGroup];
+    double ss[kMaxGroup];
     for (int64_t p = begin; p < end; ++p) {
       const int64_t r_begin = p * per_part, r_end = std::min(B, r_begin + per_part);
       acc_t* acc = accumulator(p);
@@ -309,88 +365,126 @@ void fused_rows_schedule(const FusedCpuArgs& a, int64_t parts, int64_t group, in
       }
       for (int64_t r0 = r_begin; r0 < r_end; r0 += group) {
         const int64_t nr = std::min(group, r_end - r0);
-        for (int64_t r = 0; r < nr; ++r) {
-          cf[r] = row_coefficient<acc_t>(a, r0 + r, sum_squares(G + (r0 + r) * P, P, noise.slice(r0 + r)));
-        }
+        sum_squares_rows(G + r0 * P, P, P, nr, ss, noise.slice(r0, nr));
+        for (int64_t r = 0; r < nr; ++r) cf[r] = row_coefficient<acc_t>(a, r0 + r, ss[r]);
         accumulate_rows<scalar_t>(acc, G + r0 * P, P, P, cf, nr, r0 == r_begin);
       }
     }
   });
-
-  const int64_t nch = divup(P, kChunk);
-  const int64_t finish_grain = std::max(divup(nch, threads), divup(kMinFinishColumns, kChunk));
-  at::parallel_for(0, nch, finish_grain, [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) {
-      const int64_t col0 = c * kChunk, n = std::min(kChunk, P - col0);
-      acc_t* out = grad + col0;
-      for (int64_t p = 1; p < parts; ++p) {
-        const acc_t* src = accumulator(p) + col0;
-        for (int64_t i = 0; i < n; ++i) out[i] += src[i];
-      }
-      finish_columns(out, n, noise.column(col0), a.noise_std, a.denom);
-    }
-  });
+  finish_region(a, grad, extra.data(), parts, noise, threads);
 }
 
+// Region 1 of "columns" and "mv": the sums of squares of groups of kNormRows rows (whole rows, or
+// column pieces of at least kNormChunk when there are few groups per thread), the normals, then
+// the norms and coefficients (written to a.norms, a.coeff; run returns the coefficients).
 template <typename scalar_t>
-void fused_columns_schedule(const FusedCpuArgs& a, int64_t threads) {
-  using acc_t = acc_type_t<scalar_t>;
-  const scalar_t* G = static_cast<const scalar_t*>(a.grads);
-  acc_t* grad = static_cast<acc_t*>(a.grad);
-  const int64_t B = a.rows, P = a.cols;
-  // Norm pieces: whole rows when there are enough rows for the threads (long streams), else pieces of
-  // at least kNormChunk columns, about four per thread.
-  const int64_t piece = std::max(kNormChunk, 64 * divup(divup(P, divup(4 * threads, B)), 64));
-  const int64_t nn = divup(P, piece);
-  std::vector<double> partial(static_cast<size_t>(B * nn));
-  const auto noise_z = noise_buffer(a);
-  const NoisePlan noise(noise_z.get(), P, B * nn, std::min(piece, P), a.seed, a.offset);
-  // Region 1: (row, chunk) sums of squares, chunk-major so neighbouring tasks share a column range.
-  at::parallel_for(0, B * nn, divup(B * nn, threads), [&](int64_t begin, int64_t end) {
-    for (int64_t idx = begin; idx < end; ++idx) {
-      const int64_t c = idx / B, r = idx % B;
-      const int64_t col0 = c * piece;
-      partial[r * nn + c] = sum_squares(G + r * P + col0, std::min(piece, P - col0), noise.slice(idx));
+struct NormsRegion {
+  int64_t groups, piece, nn;
+  NoisePlan noise;
+  NormsRegion(const FusedCpuArgs& a, float* z, int64_t threads)
+      : groups(divup(a.rows, kNormRows)),
+        piece(std::max(kNormChunk, 64 * divup(divup(a.cols, divup(4 * threads, groups)), 64))),
+        nn(divup(a.cols, piece)),
+        noise(z, a.cols, groups * nn, std::min(piece, a.cols) * std::min<int64_t>(a.rows, kNormRows), a.seed,
+              a.offset) {}
+
+  std::vector<acc_type_t<scalar_t>> run(const FusedCpuArgs& a, int64_t threads) const {
+    const scalar_t* G = static_cast<const scalar_t*>(a.grads);
+    const int64_t B = a.rows, P = a.cols;
+    std::vector<double> partial(static_cast<size_t>(B * nn));
+    // (group, piece) tasks, piece-major so neighbouring tasks share a column range.
+    at::parallel_for(0, groups * nn, divup(groups * nn, threads), [&](int64_t begin, int64_t end) {
+      double ss[kNormRows];
+      for (int64_t idx = begin; idx < end; ++idx) {
+        const int64_t c = idx / groups, r0 = (idx % groups) * kNormRows;
+        const int64_t nr = std::min<int64_t>(kNormRows, B - r0), col0 = c * piece;
+        sum_squares_rows(G + r0 * P + col0, P, std::min(piece, P - col0), nr, ss, noise.slice(idx));
+        for (int64_t r = 0; r < nr; ++r) partial[(r0 + r) * nn + c] = ss[r];
+      }
+    });
+    std::vector<acc_type_t<scalar_t>> cf(static_cast<size_t>(B));
+    for (int64_t r = 0; r < B; ++r) {
+      double ss = 0.0;
+      for (int64_t c = 0; c < nn; ++c) ss += partial[r * nn + c];
+      cf[r] = row_coefficient<acc_type_t<scalar_t>>(a, r, ss);
     }
-  });
-  std::vector<acc_t> cf(static_cast<size_t>(B));
-  for (int64_t r = 0; r < B; ++r) {
-    double ss = 0.0;
-    for (int64_t c = 0; c < nn; ++c) ss += partial[r * nn + c];
-    cf[r] = row_coefficient<acc_t>(a, r, ss);
+    return cf;
   }
-  // Region 2: every row of a column chunk, in order, into the output chunk; then noise and 1/D.
+};
+
+// Region 2 of "columns": every row of a column chunk, in order, into the output chunk; then the
+// noise and 1/D.
+template <typename scalar_t>
+void accumulate_region(const FusedCpuArgs& a, const acc_type_t<scalar_t>* cf, const NoisePlan& noise,
+                       int64_t threads) {
+  const scalar_t* G = static_cast<const scalar_t*>(a.grads);
+  acc_type_t<scalar_t>* grad = static_cast<acc_type_t<scalar_t>*>(a.grad);
+  const int64_t B = a.rows, P = a.cols;
   const int64_t nch = divup(P, kChunk);
   at::parallel_for(0, nch, divup(nch, threads), [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
       const int64_t col0 = c * kChunk, n = std::min(kChunk, P - col0);
-      accumulate_rows<scalar_t>(grad + col0, G + col0, P, n, cf.data(), B, true);
+      accumulate_rows<scalar_t>(grad + col0, G + col0, P, n, cf, B, true);
       finish_columns(grad + col0, n, noise.column(col0), a.noise_std, a.denom);
     }
   });
 }
 
 template <typename scalar_t>
-void fused_step_impl(const FusedCpuArgs& a) {
+void fused_columns_schedule(const FusedCpuArgs& a, int64_t threads) {
+  float* const noise_z = noise_buffer(a);
+  const NormsRegion<scalar_t> norms(a, noise_z, threads);
+  accumulate_region<scalar_t>(a, norms.run(a, threads).data(), norms.noise, threads);
+}
+
+template <typename scalar_t>
+void fused_mv_schedule(const FusedCpuArgs& a, int64_t threads) {
+  using acc_t = acc_type_t<scalar_t>;
+  float* const noise_z = noise_buffer(a);
+  const NormsRegion<scalar_t> norms(a, noise_z, threads);
+  const std::vector<acc_t> cf = norms.run(a, threads);
+  cpu_gemv(a, cf.data());
+  finish_region<acc_t>(a, static_cast<acc_t*>(a.grad), nullptr, 1, norms.noise, threads);
+}
+
+// Threads for a step on [B, P]: at most one per kMinTaskBytes of gradients (tiny steps are not
+// worth the fork/join).
+template <typename scalar_t>
+int64_t step_threads(int64_t B, int64_t P) {
+  const int64_t work_bytes = B * P * static_cast<int64_t>(sizeof(scalar_t));
+  return std::clamp<int64_t>(work_bytes / kMinTaskBytes, 1, std::max(1, at::get_num_threads()));
+}
+
+// One pass of "columns" alone (cpu_passes.cpp): kNorms, region 1 with its normals (norms and
+// coefficients into a.norms, a.coeff); kAccumulate, region 2 with the coefficients a.coeff, no noise.
+template <typename scalar_t>
+void pass_impl(const FusedCpuArgs& a, CpuPass pass) {
+  const int64_t threads = step_threads<scalar_t>(a.rows, a.cols);
+  if (pass == CpuPass::kNorms) {
+    float* const noise_z = noise_buffer(a);
+    NormsRegion<scalar_t>(a, noise_z, threads).run(a, threads);
+    return;
+  }
+  const NoisePlan none(nullptr, a.cols, 1, a.cols, 0, 0);
+  accumulate_region<scalar_t>(a, static_cast<const acc_type_t<scalar_t>*>(a.coeff), none, threads);
+}
+
+template <typename scalar_t>
+void fused_step_impl(const FusedCpuArgs& a, CpuSchedule schedule) {
   using acc_t = acc_type_t<scalar_t>;
   const int64_t B = a.rows, P = a.cols;
-  // Threads: at most one per kMinTaskBytes of gradients (tiny steps are not worth the fork/join).
-  const int64_t work_bytes = B * P * static_cast<int64_t>(sizeof(scalar_t));
-  const int64_t threads = std::clamp<int64_t>(work_bytes / kMinTaskBytes, 1, std::max(1, at::get_num_threads()));
-  const int64_t row_bytes = std::max<int64_t>(1, P * static_cast<int64_t>(sizeof(scalar_t)));
-  const int64_t acc_bytes = P * static_cast<int64_t>(sizeof(acc_t));
-  const int64_t budget = cpu_cache_budget(std::min(threads, B));
-  const int64_t group = std::clamp<int64_t>((budget - acc_bytes) / row_bytes, 1, kMaxGroup);
-  // "rows" reads each row from memory once, then again from cache with the accumulator (read and
-  // written once per group); "columns" reads each row from memory twice. Cache traffic costs about a
-  // quarter of memory traffic (Zen 4, docs/benchmarks.md), so "rows" wins while
-  // row + 2·acc/group < 4·row, i.e. 2·acc < 3·group·row (not so for a bf16 row with 1-row groups).
-  const bool rows_pay = 2 * acc_bytes < 3 * group * row_bytes;
-  if (row_bytes + acc_bytes <= budget && rows_pay && (B >= threads || P <= kChunk)) {
-    fused_rows_schedule<scalar_t>(a, std::min(threads, B), group, threads);
-  } else {
-    fused_columns_schedule<scalar_t>(a, threads);
+  const int64_t threads = step_threads<scalar_t>(B, P);
+  if (schedule == CpuSchedule::kRows && B > 0) {
+    const int64_t row_bytes = std::max<int64_t>(1, P * static_cast<int64_t>(sizeof(scalar_t)));
+    const int64_t acc_bytes = P * static_cast<int64_t>(sizeof(acc_t));
+    const int64_t group =
+        std::clamp<int64_t>((cpu_cache_budget(std::min(threads, B)) - acc_bytes) / row_bytes, 1, kMaxGroup);
+    return fused_rows_schedule<scalar_t>(a, std::min(threads, B), group, threads);
   }
+  if (schedule == CpuSchedule::kMv && (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>)) {
+    return fused_mv_schedule<scalar_t>(a, threads);
+  }
+  fused_columns_schedule<scalar_t>(a, threads);
 }
 
 }  // namespace
@@ -413,16 +507,29 @@ void DEMEM_NORMALS_ENTRY(float* out, int64_t n, uint64_t seed, uint64_t block0) 
 #endif
 }
 
-void DEMEM_FUSED_ENTRY(const FusedCpuArgs& args) {
+void DEMEM_PASS_ENTRY(const FusedCpuArgs& args, CpuPass pass) {
   switch (args.kind) {
     case GradKind::kHalf:
-      return fused_step_impl<c10::Half>(args);
+      return pass_impl<c10::Half>(args, pass);
     case GradKind::kBFloat16:
-      return fused_step_impl<c10::BFloat16>(args);
+      return pass_impl<c10::BFloat16>(args, pass);
     case GradKind::kFloat:
-      return fused_step_impl<float>(args);
+      return pass_impl<float>(args, pass);
     case GradKind::kDouble:
-      return fused_step_impl<double>(args);
+      return pass_impl<double>(args, pass);
+  }
+}
+
+void DEMEM_FUSED_ENTRY(const FusedCpuArgs& args, CpuSchedule schedule) {
+  switch (args.kind) {
+    case GradKind::kHalf:
+      return fused_step_impl<c10::Half>(args, schedule);
+    case GradKind::kBFloat16:
+      return fused_step_impl<c10::BFloat16>(args, schedule);
+    case GradKind::kFloat:
+      return fused_step_impl<float>(args, schedule);
+    case GradKind::kDouble:
+      return fused_step_impl<double>(args, schedule);
   }
 }
 

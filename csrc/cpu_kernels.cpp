@@ -1,8 +1,9 @@
 // CPU kernels of demem_ext, default build flags: the fused step and the Philox normals
 // (cpu_fused_impl.h), the dispatch between them and their AVX2 build (cpu_kernels_avx2.cpp), and the
-// cache budget that chooses the fused step's schedule.
+// cache budget that sizes the "rows" schedule's groups (and decides whether it is a candidate).
 #define DEMEM_FUSED_ENTRY fused_step_cpu_default
 #define DEMEM_NORMALS_ENTRY philox_normals_cpu_default
+#define DEMEM_PASS_ENTRY pass_cpu_default
 #include "cpu_fused_impl.h"
 
 #include <unistd.h>
@@ -15,8 +16,9 @@ namespace demem {
 // Defined in cpu_kernels_avx2.cpp on x86-64 with GCC/Clang.
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define DEMEM_HAVE_AVX2_BUILD 1
-void fused_step_cpu_avx2(const FusedCpuArgs& args);
+void fused_step_cpu_avx2(const FusedCpuArgs& args, CpuSchedule schedule);
 void philox_normals_cpu_avx2(float* out, int64_t n, uint64_t seed, uint64_t block0);
+void pass_cpu_avx2(const FusedCpuArgs& args, CpuPass pass);
 #endif
 
 namespace {
@@ -52,8 +54,8 @@ bool use_avx2() {
 }  // namespace
 
 // A thread's share of 3/4 of the last-level cache (the rest for the OS, other processes, the
-// noise). DEMEM_CPU_CACHE_BYTES, read at each call, overrides the total: tests and benchmarks force
-// a schedule with it (0: always "columns"; very large: "rows" whenever B >= threads).
+// noise). DEMEM_CPU_CACHE_BYTES, read at each call, overrides the total (0: "rows" is never a
+// candidate of the calibration, cpu_schedule.cpp).
 int64_t cpu_cache_budget(int64_t threads) {
   int64_t total = last_level_cache_bytes() / 4 * 3;
   if (const char* forced = std::getenv("DEMEM_CPU_CACHE_BYTES"); forced != nullptr && *forced != '\0') {
@@ -64,11 +66,18 @@ int64_t cpu_cache_budget(int64_t threads) {
 
 const char* cpu_kernel_capability() { return use_avx2() ? "avx2" : "default"; }
 
-void fused_step_cpu_kernel(const FusedCpuArgs& args) {
+void run_fused_cpu(const FusedCpuArgs& args, CpuSchedule schedule) {
 #ifdef DEMEM_HAVE_AVX2_BUILD
-  if (use_avx2()) return fused_step_cpu_avx2(args);
+  if (use_avx2()) return fused_step_cpu_avx2(args, schedule);
 #endif
-  fused_step_cpu_default(args);
+  fused_step_cpu_default(args, schedule);
+}
+
+void run_pass_cpu(const FusedCpuArgs& args, CpuPass pass) {
+#ifdef DEMEM_HAVE_AVX2_BUILD
+  if (use_avx2()) return pass_cpu_avx2(args, pass);
+#endif
+  pass_cpu_default(args, pass);
 }
 
 void philox_normal_cpu_kernel(float* out, int64_t n, uint64_t seed, uint64_t offset) {

@@ -21,6 +21,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu_schedule.h"
 #include "demem_common.h"
 #include "demem_kernels.h"
 
@@ -49,6 +50,7 @@
 #define CPU_CAPABILITY_AVX2
 #define DEMEM_FUSED_ENTRY fused_step_cpu_avx2
 #define DEMEM_NORMALS_ENTRY philox_normals_cpu_avx2
+#define DEMEM_PASS_ENTRY pass_cpu_avx2
 #include "cpu_fused_impl.h"
 
 #if defined(__clang__)

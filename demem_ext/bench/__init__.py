@@ -54,6 +54,40 @@ def allocator_settings() -> dict[str, str]:
     return {name: os.environ[name] for name in ALLOCATOR_VARIABLES if os.environ.get(name)}
 
 
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), or the platform's processor string."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_caches() -> str:
+    """CPU 0's data caches from sysfs, e.g. "L1d 48K, L2 2048K, L3 307200K shared by 0-1" ("?" if unknown)."""
+    root = "/sys/devices/system/cpu/cpu0/cache"
+    parts = []
+    try:
+        for index in sorted(os.listdir(root)):
+            if not index.startswith("index"):
+                continue
+            d = os.path.join(root, index)
+            read = lambda name: open(os.path.join(d, name)).read().strip()  # noqa: E731
+            kind = read("type")
+            if kind == "Instruction":
+                continue
+            level = read("level")
+            shared = read("shared_cpu_list")
+            parts.append(f"L{level}{'d' if kind == 'Data' else ''} {read('size')}"
+                         + (f" shared by {shared}" if shared not in ("0",) else ""))
+    except OSError:
+        return "?"
+    return ", ".join(parts) or "?"
+
+
 def environment(device: torch.device) -> dict[str, Any]:
     """What the numbers depend on: versions, threads, CPU kernel or GPU, load."""
     from demem_ext import ops
@@ -65,6 +99,8 @@ def environment(device: torch.device) -> dict[str, Any]:
         "loadavg_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "allocator": allocator_settings(),
     }
+    if device.type == "cpu":
+        env["cpu_model"], env["cpu_caches"] = cpu_model(), cpu_caches()
     if ops.extension_loaded():
         from demem_ext import _C
 

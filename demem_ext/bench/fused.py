@@ -15,12 +15,18 @@ order every round so that machine noise hits all columns alike:
           (`OpacusPeer`); "n/a" without Opacus;
 - copy:   `dst.copy_(G)` into a preallocated tensor of G's size: the memory-bandwidth ceiling.
 
+On the CPU four more columns time the two passes of the op's two-read ("columns") schedule alone
+(`torch.ops.demem.cpu_fused_pass`) against the torch op doing the same work: pnorm (the norm pass,
+normals included) against norm (`torch.linalg.vector_norm(G, dim=1)`), pacc (the accumulate pass)
+against mv (`coeff @ G`); "norm%" and "acc%" are the torch op's time over the pass's time, in percent
+(100%: as fast). "sched" is the schedule the op ran (`torch.ops.demem.cpu_fused_schedule`).
+
 GB/s counts the bytes each step must move: G read once (B·P·itemsize) plus the P-sized float32
 output; the copy's GB/s counts its bytes read plus written (2·B·P·itemsize). The ratios ref/ext,
 exact/ext and opacus/ext are time ratios from the same run; "ext % copy" is ext GB/s as a percentage
 of copy GB/s (on CUDA also "2pass%copy": the bytes of the kernel's two reads of G, the measure of
-issue 6's GPU target). Before every timed call a buffer larger than the last-level cache is overwritten, so
-that no column starts with G in cache (--no-flush turns this off).
+issue 6's GPU target). Before every timed call a buffer of FLUSH_BYTES is overwritten, so that no column
+starts with G in a cache smaller than that (--no-flush turns this off).
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ CPU_SHAPES = [(b, p) for p in SIZES for b in (64, 256)]
 CUDA_SHAPES = CPU_SHAPES + [(1024, 1_000_000), (64, 16_000_000)]
 QUICK_SHAPES = [(8, 1_000), (32, 20_000)]
 COLUMNS = ("ext", "ref", "exact", "opacus", "copy")
+PASS_COLUMNS = ("norm", "mv", "pnorm", "pacc")  # CPU only: the op's passes against torch's ops
 FLUSH_BYTES = {"cpu": 64 * 2**20, "cuda": 256 * 2**20}  # > last-level cache (H100/H200 L2: 50-60 MB)
 EXACT_MAX_ELEMENTS = {"cpu": 260_000_000, "cuda": 70_000_000}  # the exact reference copies G to float64
 OPACUS_LAYERS = 4
@@ -203,6 +210,13 @@ def bench_case(case: Case, device: torch.device, warmup: int, repeats: int, *, o
         "ref": (None, lambda: torch_step(grads, scores, denom=denom, generator=noise_gen)),
         "copy": (None, lambda: dst.copy_(grads)),
     }
+    if device.type == "cpu":
+        coeff = torch.rand(case.batch, generator=noise_gen).to(grads.dtype)
+        acc_coeff = coeff.to(reference.accumulation_dtype(grads.dtype))
+        columns["norm"] = (None, lambda: torch.linalg.vector_norm(grads, dim=1))
+        columns["mv"] = (None, lambda: coeff @ grads)
+        columns["pnorm"] = (None, lambda: torch.ops.demem.cpu_fused_pass(grads, acc_coeff, "norms"))
+        columns["pacc"] = (None, lambda: torch.ops.demem.cpu_fused_pass(grads, acc_coeff, "accumulate"))
     limit = EXACT_MAX_ELEMENTS[device.type] if exact_max_elements is None else exact_max_elements
     if grads.numel() <= limit:
         columns["exact"] = (None, lambda: reference.fused_step(grads, scores, None, *args))
@@ -246,6 +260,11 @@ def bench_case(case: Case, device: torch.device, warmup: int, repeats: int, *, o
         row[f"{name}_GBps"] = None if seconds is None else nbytes / seconds / 1e9
     for name in ("ref", "exact", "opacus"):
         row[f"{name}_over_ext"] = med[name] / med["ext"] if name in med else None
+    for name in PASS_COLUMNS:
+        row[f"{name}_ms"] = med[name] * 1e3 if name in med else None
+    row["norm_pass_pct"] = 100.0 * med["norm"] / med["pnorm"] if "pnorm" in med else None
+    row["acc_pass_pct"] = 100.0 * med["mv"] / med["pacc"] if "pacc" in med else None
+    row["schedule"] = torch.ops.demem.cpu_fused_schedule(grads) if device.type == "cpu" else None
     row["ext_pct_of_copy"] = 100.0 * row["ext_GBps"] / row["copy_GBps"]
     # the CUDA kernel reads G twice (norms, then the weighted sum): its bandwidth over both passes
     row["ext_two_pass_pct_of_copy"] = 100.0 * (moved + case.batch * case.size * itemsize) / med["ext"] / 1e9 \
@@ -310,13 +329,16 @@ def format_table(result: dict[str, Any]) -> str:
     """The table as text: a header line with the conditions, then one line per shape."""
     env, cfg = result["env"], result["config"]
     two_pass = env["device"] == "cuda"  # the CUDA kernel always makes two passes over G
-    where = env.get("gpu") or f"{env['threads']} CPU threads, {env.get('cpu_kernel', '?')} kernel"
+    where = env.get("gpu") or (f"{env.get('cpu_model', '?')} ({env.get('cpu_caches', '?')}), {env['threads']} CPU"
+                               f" threads, {env.get('cpu_kernel', '?')} kernel")
+    cpu = env["device"] == "cpu"
     lines = [f"fused step (lam {cfg['lam']}, clip C={cfg['max_grad_norm']}, noise {cfg['noise_multiplier']}), "
              f"median of {cfg['repeats']} interleaved runs | device {env['device']} | {where} | torch {env['torch']}"
              f" | opacus {env['opacus'] or 'n/a'} | load avg {env['loadavg_1min']}"]
     head = (f"{'B':>5} {'P':>9} {'dtype':>5} | {'ext ms':>9} {'ref ms':>9} {'exact ms':>9} {'opacus ms':>9}"
             f" {'copy ms':>9} | {'ext GB/s':>8} {'copy GB/s':>9} | {'ref/ext':>7} {'exact/ext':>9} {'opacus/ext':>10}"
-            f" {'ext%copy':>8}" + (f" {'2pass%copy':>10}" if two_pass else ""))
+            f" {'ext%copy':>8}" + (f" {'2pass%copy':>10}" if two_pass else "")
+            + (f" | {'sched':>7} {'norm%':>5} {'acc%':>5}" if cpu else ""))
     lines += [head, "-" * len(head)]
     for r in result["rows"]:
         lines.append(
@@ -325,7 +347,9 @@ def format_table(result: dict[str, Any]) -> str:
             f" {cell(r['ext_GBps'], '.1f', 8)} {cell(r['copy_GBps'], '.1f', 9)} |"
             f" {cell(r['ref_over_ext'], '.2f', 7, 'x')} {cell(r['exact_over_ext'], '.2f', 9, 'x')}"
             f" {cell(r['opacus_over_ext'], '.2f', 10, 'x')} {cell(r['ext_pct_of_copy'], '.0f', 8, '%')}"
-            + (f" {cell(r['ext_two_pass_pct_of_copy'], '.0f', 10, '%')}" if two_pass else ""))
+            + (f" {cell(r['ext_two_pass_pct_of_copy'], '.0f', 10, '%')}" if two_pass else "")
+            + (f" | {r.get('schedule') or '?':>7} {cell(r.get('norm_pass_pct'), '.0f', 5, '%')}"
+               f" {cell(r.get('acc_pass_pct'), '.0f', 5, '%')}" if cpu else ""))
     notes = list(result.get("notes", []))
     for r in result["rows"]:
         notes += [f"B={r['B']} P={r['P']} {r['dtype']}: {n}" for n in r["notes"] if "opacus" not in n]
@@ -334,6 +358,8 @@ def format_table(result: dict[str, Any]) -> str:
     lines.append("GB/s: (B*P*itemsize + 4*P) bytes / time; copy GB/s: 2*B*P*itemsize / time (read + write). "
                  "ref = plain PyTorch composition, exact = demem_ext.ops.reference.fused_step, "
                  "opacus = DPOptimizer.pre_step() on the same per-sample gradients."
+                 + (" sched: the op's schedule; norm%: vector_norm time / the op's norm pass time; acc%: mv time /"
+                    " the op's accumulate pass time (same run)." if cpu else "")
                  + (" 2pass%copy: (2*B*P*itemsize + 4*P) bytes / time over copy GB/s (the kernel's two reads of G)."
                     if two_pass else ""))
     return "\n".join(lines)

@@ -195,17 +195,16 @@ def check_fused_against_reference(case, ext, noise_rtol=None):
         assert torch.all((g_ext - g_ref).abs() <= tol_ref)
 
 
-# DEMEM_CPU_CACHE_BYTES: unset (the machine's cache decides), 0 (always the "columns" schedule), 1e12
-# (the "rows" schedule whenever there are at least as many rows as threads).
-SCHEDULES = [None, "0", "1000000000000"]
+# DEMEM_CPU_SCHEDULE (read at every call): unset (calibrated once per shape), or one schedule forced.
+SCHEDULES = [None, "rows", "columns", "mv"]
 
 
-@pytest.fixture(params=SCHEDULES, ids=["auto", "columns", "rows"])
+@pytest.fixture(params=SCHEDULES, ids=["auto", "rows", "columns", "mv"])
 def cpu_schedule(request, monkeypatch):
     if request.param is None:
-        monkeypatch.delenv("DEMEM_CPU_CACHE_BYTES", raising=False)
+        monkeypatch.delenv("DEMEM_CPU_SCHEDULE", raising=False)
     else:
-        monkeypatch.setenv("DEMEM_CPU_CACHE_BYTES", request.param)
+        monkeypatch.setenv("DEMEM_CPU_SCHEDULE", request.param)
     return request.param
 
 

@@ -1,0 +1,30 @@
+// The schedules of the CPU fused step (cpu_fused_impl.h) and how one is chosen (cpu_schedule.cpp).
+#pragma once
+
+#include <cstdint>
+
+#include "demem_kernels.h"
+
+namespace demem {
+
+// "rows": G read once (a group of rows, then its accumulation from cache); "columns": G read twice
+// (norms, then column chunks); "mv": the norms of "columns", then torch's matrix-vector product
+// (at::mm, what `coeff @ G` runs) for coeffᵀG (float32 and float64 gradients only; otherwise "columns" runs).
+enum class CpuSchedule : int { kRows = 0, kColumns = 1, kMv = 2 };
+
+const char* schedule_name(CpuSchedule s);
+
+// The two passes of "columns", run alone by demem::cpu_fused_pass (cpu_passes.cpp).
+enum class CpuPass : int { kNorms = 0, kAccumulate = 1 };
+void run_pass_cpu(const FusedCpuArgs& args, CpuPass pass);
+
+// The fused step with a given schedule, in the build this CPU runs (cpu_kernels.cpp).
+void run_fused_cpu(const FusedCpuArgs& args, CpuSchedule schedule);
+
+// Bytes of cache one of `threads` threads may fill with rows and an accumulator (cpu_kernels.cpp).
+int64_t cpu_cache_budget(int64_t threads);
+
+// grad[P] = coeffᵀ·G with at::mm (float32 or float64 G; coeff in G's dtype) (cpu_schedule.cpp).
+void cpu_gemv(const FusedCpuArgs& args, const void* coeff);
+
+}  // namespace demem

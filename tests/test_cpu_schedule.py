@@ -1,0 +1,68 @@
+"""The CPU fused step's schedule choice (calibrated once per shape, DEMEM_CPU_SCHEDULE forces one)
+and its two passes as ops (demem::cpu_fused_pass, what the benchmark times against torch's ops).
+Every schedule's results are checked against the reference by the property tests of test_ops.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from demem_ext import ops
+
+needs_ext = pytest.mark.skipif(not ops.extension_loaded(), reason="compiled extension demem_ext._C not loaded")
+ARGS = (None, 0.5, "hard", "mean", 1.0, 0.8, 0.0, 1.0, 1.0, 1.0, "all")
+
+
+def _step(grads: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    scores = torch.linspace(0.0, 1.0, grads.shape[0])
+    return torch.ops.demem.fused_step(grads, scores, *ARGS, float(grads.shape[0]), 3, 0)
+
+
+@needs_ext
+def test_schedule_is_calibrated_once_then_cached(monkeypatch):
+    monkeypatch.delenv("DEMEM_CPU_SCHEDULE", raising=False)
+    grads = torch.randn(13, 4099, generator=torch.Generator().manual_seed(1))
+    assert torch.ops.demem.cpu_fused_schedule(grads) == "uncalibrated"
+    first = _step(grads)
+    chosen = torch.ops.demem.cpu_fused_schedule(grads)
+    assert chosen in {"rows", "columns", "mv"}
+    again = _step(grads)
+    assert torch.ops.demem.cpu_fused_schedule(grads) == chosen
+    for a, b in zip(first, again):  # the calibration's runs do not leak into the result
+        assert torch.equal(a, b)
+    assert torch.ops.demem.cpu_fused_schedule(grads.to(torch.bfloat16)) == "uncalibrated"  # dtype is in the key
+
+
+@needs_ext
+@pytest.mark.parametrize("name", ["rows", "columns", "mv"])
+def test_forced_schedule_is_reported(monkeypatch, name):
+    monkeypatch.setenv("DEMEM_CPU_SCHEDULE", name)
+    assert torch.ops.demem.cpu_fused_schedule(torch.zeros(2, 3)) == name
+
+
+@needs_ext
+def test_unknown_schedule_is_an_error(monkeypatch):
+    monkeypatch.setenv("DEMEM_CPU_SCHEDULE", "fastest")
+    with pytest.raises(RuntimeError, match="DEMEM_CPU_SCHEDULE"):
+        _step(torch.randn(3, 10))
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("shape", [(1, 7), (19, 1000), (40, 70_001)])
+def test_passes_match_torch(dtype, shape):
+    gen = torch.Generator().manual_seed(shape[0])
+    grads = torch.randn(*shape, generator=gen).to(dtype)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    coeff = torch.rand(shape[0], generator=gen, dtype=acc)
+    norms = torch.ops.demem.cpu_fused_pass(grads, coeff, "norms")
+    g64 = grads.double()
+    assert norms.dtype == acc
+    # float64 sums for float32/float64; float32 blocks of 64 exact squares for bf16/fp16 (rel. error < 64·2⁻²⁴)
+    rtol = 1e-6 if dtype in (torch.float32, torch.float64) else 64 * 2.0**-24
+    torch.testing.assert_close(norms.double(), torch.linalg.vector_norm(g64, dim=1), rtol=rtol, atol=0)
+    out = torch.ops.demem.cpu_fused_pass(grads, coeff, "accumulate")
+    assert out.dtype == acc and out.shape == (shape[1],)
+    u = 2.0**-53 if dtype == torch.float64 else 2.0**-24
+    bound = (shape[0] + 2) * u * (coeff.double().abs() @ g64.abs())
+    assert torch.all((out.double() - coeff.double() @ g64).abs() <= bound)
