@@ -152,9 +152,18 @@ def cmd_audit(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path("runs") / f"audit-{cfg.dataset}-{cfg.at}"
     print(f"audit folder: {out}")
     start = time.perf_counter()
+    models = DEFAULT_SHADOW_MODELS if args.models is None else args.models
+    if args.canaries:
+        from demem_ext.audit.canaries import audit_with_canaries
+
+        if args.merge_only or args.shard != "0/1":
+            raise ValueError("--canaries trains all models in one process: it takes neither --merge-only nor --shard")
+        print(format_report(audit_with_canaries(cfg, out, args.canaries, models, args.keep_seed,
+                                                progress=not args.no_progress)))
+        print(f"wrote {out / 'audit.json'} ({time.perf_counter() - start:.0f} s)")
+        return 0
     if not args.merge_only:
         shard = parse_shard(args.shard)
-        models = DEFAULT_SHADOW_MODELS if args.models is None else args.models
         train_shadow_models(cfg, out, num_models=models, seed=args.keep_seed, shard=shard,
                             progress=not args.no_progress)
         if shard[1] > 1:
@@ -217,6 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-seed", type=int, default=0, help="seed of the inclusion masks")
     p.add_argument("--shard", default="0/1", help="train only models i, i+n, ... (i/n); merge later")
     p.add_argument("--merge-only", action="store_true", help="only merge the saved stats and report")
+    p.add_argument("--canaries", type=int, default=0,
+                   help="known-answer check: give K random population samples a wrong label, report how often "
+                        "the primary attack finds them (left out of the population numbers)")
     p.set_defaults(func=cmd_audit)
     p = sub.add_parser("reproduce", help="the paper's comparison: PGD-AT/TRADES vs DP-SGD vs DeMem (shadow models)")
     p.add_argument("--quick", action="store_true", help="4 models x 15 epochs (batch 32), AutoAttack fast: a first look")
