@@ -55,13 +55,15 @@ def _memorization(stats: Mapping[str, Any], columns: torch.Tensor, out: Path) ->
     return {"mean": float(torch.nanmean(mem)), "accuracy_by_bin": by_bin}
 
 
-def run_audit(stats: Mapping[str, Any], out_dir: str | Path, title: Optional[str] = None) -> dict[str, Any]:
+def run_audit(stats: Mapping[str, Any], out_dir: str | Path, title: Optional[str] = None,
+              attacks: Optional[Mapping[str, tuple[torch.Tensor, torch.Tensor]]] = None) -> dict[str, Any]:
     """The audit of shadow-model statistics; writes audit.json, roc.png and memorization_hist.png.
 
     stats: keep [M, N], labels [N], logits [M, N, K] and optionally adv_logits, aug_logits,
     adv_aug_logits, correct, adv_correct, test_natural_acc / test_pgd20_acc [M], settings (with the
     training config), demem, num_train, and canaries (indices of mislabeled canary samples: reported
-    as a power check, left out of every population number).
+    as a power check, left out of every population number). attacks: `run_attacks(stats)` if the
+    caller has it already.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -71,7 +73,7 @@ def run_audit(stats: Mapping[str, Any], out_dir: str | Path, title: Optional[str
     columns = torch.ones(n, dtype=torch.bool)
     if canaries is not None:
         columns[torch.as_tensor(canaries)] = False
-    attacks = run_attacks(stats)
+    attacks = run_attacks(stats) if attacks is None else attacks
     summaries = summarize(attacks, columns)
     primary = primary_attack(summaries)
     report: dict[str, Any] = {
