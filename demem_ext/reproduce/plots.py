@@ -82,7 +82,7 @@ def plot_tradeoff(rows: Sequence[dict[str, Any]], path: Path, use_autoattack: bo
 def plot_roc_by_family(curves: Mapping[str, Mapping[str, tuple[np.ndarray, np.ndarray]]], path: Path,
                        title: str) -> Path:
     """One log-log panel per configuration family; curves[family][label] = (fpr, tpr)."""
-    fig = _figure((6.5 * len(curves), 7.5))
+    fig = _figure((6.5 * len(curves), 6.8))
     for k, (family, named) in enumerate(curves.items()):
         ax = fig.add_subplot(1, len(curves), k + 1)
         for i, (label, (fpr, tpr)) in enumerate(named.items()):
@@ -92,7 +92,7 @@ def plot_roc_by_family(curves: Mapping[str, Mapping[str, tuple[np.ndarray, np.nd
         ax.set(xscale="log", yscale="log", xlim=(1e-4, 1), ylim=(1e-4, 1), xlabel="false positive rate",
                ylabel="true positive rate", title=f"{family}")
         ax.set_aspect("equal")
-        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), fontsize="x-small", frameon=False)
+        ax.legend(loc="lower right", fontsize="x-small")  # below the chance line: empty for a real attack
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
