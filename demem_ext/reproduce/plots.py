@@ -101,7 +101,7 @@ def plot_roc_by_family(curves: Mapping[str, Mapping[str, tuple[np.ndarray, np.nd
 
 def plot_accuracy_by_memorization(table: dict[str, Any], path: Path) -> Path:
     """Grouped bars: OUT-sample accuracy per memorization bin, natural and robust, per configuration.
-    An empty bin (no sample) is a hatched outline marked "empty", distinct from an accuracy of 0%."""
+    An empty bin (no sample) is a hatched outline marked "empty"; an accuracy of 0% is marked "0%"."""
     fig = _figure((11, 4.8))
     names = list(table)
     handles, labels = [], []
@@ -113,11 +113,14 @@ def plot_accuracy_by_memorization(table: dict[str, Any], path: Path) -> Path:
         for j, name in enumerate(names):
             offset = x + (j - (len(names) - 1) / 2) * width
             values = [b["accuracy"] for b in table[name][kind]]
-            bars = ax.bar(offset, [100 * v if v is not None else 0.0 for v in values], width, label=name)
+            bars = ax.bar(offset, [100 * v if v is not None else 0.0 for v in values], width, label=name,
+                          color=f"C{j}")
             for pos, v in zip(offset, values):
                 if v is None:
                     ax.bar([pos], [100], width, fill=False, hatch="//", edgecolor="0.7", linewidth=0)
-                    ax.text(pos, 50, "empty", rotation=90, ha="center", va="center", fontsize="xx-small")
+                    ax.text(pos, 50, "empty", rotation=90, ha="center", va="center", fontsize="x-small")
+                elif v == 0:
+                    ax.text(pos, 1, "0%", ha="center", va="bottom", fontsize="x-small")
             if panel == 0:
                 handles.append(bars)
                 labels.append(name)
