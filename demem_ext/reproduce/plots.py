@@ -59,9 +59,17 @@ def plot_tradeoff(rows: Sequence[dict[str, Any]], path: Path, use_autoattack: bo
     attack = next((r["primary"]["attack"] for r in rows if r["status"] == "ok"), "primary attack")
     ax.set(xlabel=("AutoAttack accuracy of model 0 (%)" if use_autoattack else "mean PGD-20 test accuracy (%)"),
            ylabel=f"TPR at 1% FPR (%), {attack}", title="privacy–robustness trade-off (lower right is better)")
+    from matplotlib.lines import Line2D  # legend proxies, not drawn in the axes (no effect on its limits)
+
+    handles = [Line2D([], [], marker=MARKERS[m], color="gray", linestyle="none", label=label)
+               for m, label in (("baseline", "no defence"), ("dp", "DP-SGD"), ("demem", "DeMem (loss)"),
+                                ("demem-trace", "DeMem (loss trace)"), ("demem-variant", "DeMem variant"))]
+    handles += [Line2D([], [], marker="o", color=c, linestyle="none", label=f) for f, c in COLORS.items()]
+    handles.append(Line2D([], [], color="k", linestyle=":", label="chance (TPR = FPR = 1%)"))
+    ax.legend(handles=handles, loc="upper left", fontsize="x-small")
     if points:
         ax.margins(0.1)
-        fig.canvas.draw()  # fixes the limits, so data positions map to axes fractions
+        ax.set(xlim=ax.get_xlim(), ylim=ax.get_ylim())  # frozen: data positions map to fixed axes fractions
         to_axes = ax.transData + ax.transAxes.inverted()
         anchors = np.array([to_axes.transform((x, y)) for x, y, _ in points])
         heights = spread_labels(anchors[:, 1])
@@ -69,12 +77,6 @@ def plot_tradeoff(rows: Sequence[dict[str, Any]], path: Path, use_autoattack: bo
             ax.annotate(name, (x, y), xytext=(1.04, h), textcoords="axes fraction", fontsize="small",
                         va="center", annotation_clip=False,
                         arrowprops={"arrowstyle": "-", "color": "0.6", "linewidth": 0.6})
-    handles = [ax.scatter([], [], marker=MARKERS[m], color="gray", label=label)
-               for m, label in (("baseline", "no defence"), ("dp", "DP-SGD"), ("demem", "DeMem (loss)"),
-                                ("demem-trace", "DeMem (loss trace)"), ("demem-variant", "DeMem variant"))]
-    handles += [ax.scatter([], [], marker="o", color=c, label=f) for f, c in COLORS.items()]
-    ax.legend(handles=handles + [ax.axhline(np.nan, color="k", linestyle=":", label="chance (TPR = FPR = 1%)")],
-              loc="upper left", fontsize="x-small")
     fig.savefig(path, dpi=120)
     return path
 
