@@ -152,32 +152,61 @@ def cmd_audit(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path("runs") / f"audit-{cfg.dataset}-{cfg.at}"
     print(f"audit folder: {out}")
     start = time.perf_counter()
+    models = DEFAULT_SHADOW_MODELS if args.models is None else args.models
+    if args.canaries:
+        from demem_ext.audit.canaries import audit_with_canaries
+
+        if args.merge_only or args.shard != "0/1":
+            raise ValueError("--canaries trains all models in one process: it takes neither --merge-only nor --shard")
+        print(format_report(audit_with_canaries(cfg, out, args.canaries, models, args.keep_seed,
+                                                progress=not args.no_progress)))
+        print(f"wrote {out / 'audit.json'} ({time.perf_counter() - start:.0f} s)")
+        return 0
     if not args.merge_only:
         shard = parse_shard(args.shard)
-        models = DEFAULT_SHADOW_MODELS if args.models is None else args.models
         train_shadow_models(cfg, out, num_models=models, seed=args.keep_seed, shard=shard,
                             progress=not args.no_progress)
         if shard[1] > 1:
             print(f"shard {args.shard} done in {time.perf_counter() - start:.0f} s; "
                   f"merge with: demem audit --merge-only --out {out}")
             return 0
-    report = run_audit(load_stats(out, num_models=args.models), out)
+    stats = load_stats(out, num_models=args.models)
+    report = run_audit(stats, out)
     print(format_report(report))
+    if args.null_seeds:
+        _null_check(stats, args.null_seeds, out)
     print(f"wrote {out / 'audit.json'}, {out / 'roc.png'}, {out / 'memorization_hist.png'} "
           f"({time.perf_counter() - start:.0f} s)")
     return 0
 
 
+def _null_check(stats: dict, seeds_text: str, out: Path) -> None:
+    """The null check of the folder's models (demem_ext.audit.calibration), printed and in null_check.json."""
+    from demem_ext.audit.calibration import null_check
+    from demem_ext.reproduce import parse_seeds
+    from demem_ext.training.checkpoint import write_text_atomic
+
+    result = null_check(stats, parse_seeds(seeds_text) or [])
+    write_text_atomic(json.dumps(result, indent=2), out / "null_check.json")
+    print(f"null check, fake-mask seeds {seeds_text}: mean TPR over seeds at 0.1% / 1% / 10% FPR "
+          f"(! = outside the binomial 99% interval of {result['num_members']} members)")
+    for name, row in result["attacks"].items():
+        cells = [f"{100 * row[f'tpr_at_fpr_{f}']:.2f}%{'' if row[f'within_{f}'] else '!'}" for f in ("0.001", "0.01", "0.1")]
+        print(f"  {name:<56} " + "  ".join(cells))
+    print(f"null check {'passed' if result['passed'] else 'FAILED'}; wrote {out / 'null_check.json'}")
+
+
 def cmd_reproduce(args: argparse.Namespace) -> int:
     import shlex
 
-    from demem_ext.reproduce import parse_configs, reproduce
+    from demem_ext.reproduce import parse_configs, parse_seeds, reproduce
 
     configs = parse_configs(args.configs)  # unknown slugs fail here, before anything runs
+    keep_seeds = parse_seeds(args.keep_seeds)
     out = Path(args.out) if args.out else Path("runs") / f"reproduce-{args.dataset}{'-quick' if args.quick else ''}"
     flags = ["reproduce"] + (["--quick"] if args.quick else []) + ["--dataset", args.dataset, "--out", str(out)]
     for name in ("data_dir", "models", "epochs", "configs", "autoattack", "attack_steps", "batch_size", "eval_limit",
-                 "keep_seed", "results", "threads"):
+                 "keep_seed", "keep_seeds", "results", "threads"):
         if getattr(args, name) is not None:
             flags += ["--" + name.replace("_", "-"), str(getattr(args, name))]
     flags += (["--jobs", str(args.jobs)] if args.jobs != 1 else []) + (["--no-progress"] if args.no_progress else [])
@@ -186,7 +215,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     reproduce(out, quick=args.quick, dataset=args.dataset, models=args.models, epochs=args.epochs, configs=configs,
               jobs=args.jobs, autoattack=args.autoattack, progress=not args.no_progress, base_overrides=overrides,
               eval_limit=args.eval_limit, keep_seed=args.keep_seed or 0, command=command,
-              results_path=args.results)
+              results_path=args.results, keep_seeds=keep_seeds)
     return 0
 
 
@@ -217,6 +246,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-seed", type=int, default=0, help="seed of the inclusion masks")
     p.add_argument("--shard", default="0/1", help="train only models i, i+n, ... (i/n); merge later")
     p.add_argument("--merge-only", action="store_true", help="only merge the saved stats and report")
+    p.add_argument("--null-seeds", default=None,
+                   help="also run the null check: score the models against fake masks of these seeds (a,b,...) "
+                        "and write null_check.json")
+    p.add_argument("--canaries", type=int, default=0,
+                   help="known-answer check: give K random population samples a wrong label, report how often "
+                        "the primary attack finds them (left out of the population numbers)")
     p.set_defaults(func=cmd_audit)
     p = sub.add_parser("reproduce", help="the paper's comparison: PGD-AT/TRADES vs DP-SGD vs DeMem (shadow models)")
     p.add_argument("--quick", action="store_true", help="4 models x 15 epochs (batch 32), AutoAttack fast: a first look")
@@ -234,6 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None, help="training batch size (default 64; 32 quick)")
     p.add_argument("--eval-limit", type=int, default=None, help="evaluate model 0 on the first N test samples")
     p.add_argument("--keep-seed", type=int, default=None, help="seed of the inclusion masks (default 0): a replicate")
+    p.add_argument("--keep-seeds", default=None,
+                   help="comma-separated mask seeds a,b,c: R independent replicates in <out>/keep-<seed>/, "
+                        "summarised with 95%% t-intervals across replicates")
     p.add_argument("--results", default=None, help="also write the report here (e.g. docs/results.md)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")

@@ -1,44 +1,30 @@
-"""The membership-inference audit of a training configuration: LiRA (online/offline, natural and
-adversarial queries), metric attacks, memorization scores and ε, written to audit.json and plots."""
+"""The membership-inference audit report: every attack's ROC summary, the primary attack, the worst
+case over attacks, canary power, memorization scores and ε, written to audit.json and plots."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import torch
 
 from demem_ext import accounting
-from demem_ext.audit import lira, memorization, metrics
-from demem_ext.audit.metric_attacks import METRIC_ATTACKS
+from demem_ext.audit import memorization, metrics
+from demem_ext.audit.attacks import PRIMARY_RULE, primary_attack, run_attacks, summarize, worst_case
+from demem_ext.audit.calibration import canary_power
 from demem_ext.training import TrainConfig
+from demem_ext.training.checkpoint import write_text_atomic
 
 DELTA = 1e-5
+MIN_MODELS = 16  # fewer shadow models: low-FPR numbers are noisy and per-example variances unusable
 
 
-def _lira_attacks(stats: dict[str, Any]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Leave-one-out LiRA scores and membership labels for each variant."""
-    keep, labels = stats["keep"], stats["labels"]
-    out = {}
-    for query, key in (("", "logits"), ("adv ", "adv_logits")):
-        phi = lira.logit_confidence(stats[key], labels)
-        for name, online, fixed in (("online", True, False), ("offline", False, False),
-                                    ("online fixed-var", True, True)):
-            out[f"LiRA {name}{' (adversarial queries)' if query else ''}"] = lira.leave_one_out(
-                phi, keep, online=online, fixed_variance=fixed)
-    return out
-
-
-def _metric_attacks(stats: dict[str, Any]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Threshold attacks that need no shadow models: each model scores its own population."""
-    labels = stats["labels"].expand_as(stats["keep"])
-    return {f"{name} attack": (fn(stats["logits"], labels), stats["keep"])
-            for name, fn in METRIC_ATTACKS.items()}
-
-
-def _epsilon(stats: dict[str, Any]) -> dict[str, Any]:
-    cfg = TrainConfig.from_dict(stats["settings"]["config"])
+def _epsilon(stats: Mapping[str, Any]) -> dict[str, Any]:
+    config = stats.get("settings", {}).get("config")
+    if config is None:
+        return {"epsilon": None, "reason": "ε is not computed: no training configuration (Python API audit)"}
+    cfg = TrainConfig.from_dict(config)
     if not cfg.use_demem:
         return {"epsilon": None, "reason": "ε is not guaranteed: no DeMem/DP"}
     sizes = [int(b) for b in stats["demem"][0]["noisy_batch_sizes"]]
@@ -46,52 +32,102 @@ def _epsilon(stats: dict[str, Any]) -> dict[str, Any]:
     return {"epsilon": eps, "reason": reason} if eps is None else {"epsilon": eps, "delta": DELTA, "reason": reason}
 
 
-def run_audit(stats: dict[str, Any], out_dir: str | Path, title: Optional[str] = None) -> dict[str, Any]:
-    """Compute every attack's ROC summary, memorization scores and ε; write audit.json and PNGs."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    attacks = {**_lira_attacks(stats), **_metric_attacks(stats)}
-    report: dict[str, Any] = {"num_models": int(stats["keep"].shape[0]),
-                              "num_samples": int(stats["keep"].shape[1]),
-                              "config": stats["settings"]["config"], "attacks": {}}
-    curves = {}
-    for name, (scores, is_member) in attacks.items():
-        report["attacks"][name] = metrics.summary(scores, is_member)
-        fpr, tpr, _ = metrics.roc(scores, is_member)
-        if name.startswith("LiRA online") or name == "loss attack":
-            curves[name] = (fpr, tpr)
-    metrics.plot_roc(curves, out / "roc.png", title=title or "membership inference (leave-one-out)")
+def _correct(stats: Mapping[str, Any], kind: str) -> Optional[torch.Tensor]:
+    """correct / adv_correct [M, N]: stored, or from the logits' argmax; None without those logits."""
+    if stats.get(kind) is not None:
+        return stats[kind]
+    logits = stats.get("logits" if kind == "correct" else "adv_logits")
+    return None if logits is None else logits.argmax(-1) == stats["labels"]
 
-    mem = memorization.scores(stats["correct"], stats["keep"])
+
+def _memorization(stats: Mapping[str, Any], columns: torch.Tensor, out: Path) -> dict[str, Any]:
+    keep = stats["keep"][:, columns]
+    correct = {k: c[:, columns] for k in ("correct", "adv_correct") if (c := _correct(stats, k)) is not None}
+    mem = memorization.scores(correct["correct"], keep)
     memorization.histogram(mem, out / "memorization_hist.png")
-    keep = stats["keep"]
     by_bin = {}
     for split, mask in (("in", keep), ("out", ~keep)):
-        for kind in ("correct", "adv_correct"):
+        for kind, values in correct.items():
             # accuracy of each model on its in (or out) samples, averaged over models per bin
-            correct = torch.where(mask, stats[kind].double(), torch.nan)
-            mean_correct = torch.nanmean(correct, dim=0)
+            mean_correct = torch.nanmean(torch.where(mask, values.double(), torch.nan), dim=0)
             by_bin[f"{split}_{'robust' if kind == 'adv_correct' else 'natural'}"] = memorization.accuracy_by_bin(
                 mem, mean_correct)
-    report["memorization"] = {"mean": float(torch.nanmean(mem)), "accuracy_by_bin": by_bin}
-    report["test_accuracy"] = {"natural": float(stats["test_natural_acc"].mean()),
-                               "pgd20": float(stats["test_pgd20_acc"].mean())}
-    report["train_accuracy"] = {"natural": float(stats["correct"][keep].double().mean()),
-                                "robust": float(stats["adv_correct"][keep].double().mean())}
+    return {"mean": float(torch.nanmean(mem)), "accuracy_by_bin": by_bin}
+
+
+def run_audit(stats: Mapping[str, Any], out_dir: str | Path, title: Optional[str] = None,
+              attacks: Optional[Mapping[str, tuple[torch.Tensor, torch.Tensor]]] = None) -> dict[str, Any]:
+    """The audit of shadow-model statistics; writes audit.json, roc.png and memorization_hist.png.
+
+    stats: keep [M, N], labels [N], logits [M, N, K] and optionally adv_logits, aug_logits,
+    adv_aug_logits, correct, adv_correct, test_natural_acc / test_pgd20_acc [M], settings (with the
+    training config), demem, num_train, and canaries (indices of mislabeled canary samples: reported
+    as a power check, left out of every population number). attacks: `run_attacks(stats)` if the
+    caller has it already.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    keep = stats["keep"]
+    m, n = keep.shape
+    canaries = stats.get("canaries")
+    columns = torch.ones(n, dtype=torch.bool)
+    if canaries is not None:
+        columns[torch.as_tensor(canaries)] = False
+    attacks = run_attacks(stats) if attacks is None else attacks
+    summaries = summarize(attacks, columns)
+    primary = primary_attack(summaries)
+    report: dict[str, Any] = {
+        "num_models": int(m), "num_samples": int(columns.sum()),
+        "config": stats.get("settings", {}).get("config"),
+        "primary": {"attack": primary, "rule": PRIMARY_RULE, **summaries[primary]},
+        "worst_case": worst_case(summaries), "attacks": summaries, "warnings": []}
+    if m < MIN_MODELS:
+        report["warnings"].append(f"only {m} shadow models (M < {MIN_MODELS}): per-example variances and TPR at "
+                                  "low FPR are unreliable; read the fixed-variance attacks and use more models")
+    if canaries is not None:
+        report["canaries"] = canary_power(*attacks[primary], canaries)
+        report["canaries"]["attack"] = primary
+    curves = {name: metrics.roc(s[:, columns], y[:, columns])
+              for name, (s, y) in attacks.items()
+              if (name.startswith("LiRA") and "augmented" not in name) or name == "loss attack"}
+    metrics.plot_roc(curves, out / "roc.png", title=title or "membership inference (leave-one-out)")
+    report["memorization"] = _memorization(stats, columns, out)
+    if stats.get("test_natural_acc") is not None:
+        report["test_accuracy"] = {"natural": float(stats["test_natural_acc"].mean()),
+                                   "pgd20": float(stats["test_pgd20_acc"].mean())}
+    report["train_accuracy"] = {k: float(c[:, columns][keep[:, columns]].double().mean())
+                                for k, key in (("natural", "correct"), ("robust", "adv_correct"))
+                                if (c := _correct(stats, key)) is not None}
     report["privacy"] = _epsilon(stats)
-    (out / "audit.json").write_text(json.dumps(report, indent=2))
+    write_text_atomic(json.dumps(report, indent=2), out / "audit.json")
     return report
 
 
-def format_report(report: dict[str, Any]) -> str:
-    """A readable table of the audit."""
-    lines = [f"{report['num_models']} models x {report['num_samples']} samples (leave-one-out)",
-             f"test accuracy: natural {100 * report['test_accuracy']['natural']:.2f}%, "
-             f"PGD-20 {100 * report['test_accuracy']['pgd20']:.2f}% (mean over models)",
-             f"{'attack':<44} {'AUC':>6} {'TPR@0.1%':>9} {'TPR@1%':>8} {'TPR@10%':>8}"]
+def _pct(x: float) -> str:
+    return f"{100 * x:.2f}%"
+
+
+def format_report(report: Mapping[str, Any]) -> str:
+    """A readable table of the audit: every attack, then the primary attack and the worst case."""
+    lines = [f"{report['num_models']} models x {report['num_samples']} samples (leave-one-out)"]
+    if "test_accuracy" in report:
+        lines.append(f"test accuracy: natural {_pct(report['test_accuracy']['natural'])}, "
+                     f"PGD-20 {_pct(report['test_accuracy']['pgd20'])} (mean over models)")
+    lines.append(f"{'attack':<56} {'AUC':>6} {'TPR@0.1%':>9} {'TPR@1%':>8} {'TPR@10%':>8}")
     for name, s in report["attacks"].items():
-        lines.append(f"{name:<44} {s['auc']:>6.3f} {100 * s['tpr_at_fpr_0.001']:>8.2f}% "
-                     f"{100 * s['tpr_at_fpr_0.01']:>7.2f}% {100 * s['tpr_at_fpr_0.1']:>7.2f}%")
+        lines.append(f"{name:<56} {s['auc']:>6.3f} {_pct(s['tpr_at_fpr_0.001']):>9} "
+                     f"{_pct(s['tpr_at_fpr_0.01']):>8} {_pct(s['tpr_at_fpr_0.1']):>8}")
+    p, w = report["primary"], report["worst_case"]
+    lines.append(f"{'PRIMARY: ' + p['attack']:<56} {p['auc']:>6.3f} {_pct(p['tpr_at_fpr_0.001']):>9} "
+                 f"{_pct(p['tpr_at_fpr_0.01']):>8} {_pct(p['tpr_at_fpr_0.1']):>8}")
+    lines.append(f"{'WORST CASE (max over attacks per column)':<56} {w['auc']:>6.3f} {_pct(w['tpr_at_fpr_0.001']):>9} "
+                 f"{_pct(w['tpr_at_fpr_0.01']):>8} {_pct(w['tpr_at_fpr_0.1']):>8}")
+    if "canaries" in report:
+        c = report["canaries"]
+        lines.append(f"canaries ({c['num_canaries']}, power check, not in the rows above): {c['attack']} TPR "
+                     f"{_pct(c['tpr_at_fpr_0.001'])} at 0.1% FPR ({c['times_chance_0.001']:.0f}x chance), "
+                     f"{_pct(c['tpr_at_fpr_0.01'])} at 1%")
     eps = report["privacy"]["epsilon"]
     lines.append(f"epsilon: {eps:.3g} (δ = {DELTA})" if eps is not None else report["privacy"]["reason"])
+    lines += [f"warning: {w}" for w in report.get("warnings", [])]
     return "\n".join(lines)

@@ -5,6 +5,9 @@ Layout of an audit folder:
     keep.pt                       inclusion masks keep[M, N] (bool) and the audit settings
     models/model_007/checkpoint.pt, metrics.jsonl   the training run of model 7
     models/model_007/stats.pt     its statistics on all N population samples (written last)
+
+Statistics per model: logits, loss and correctness on natural queries and under PGD (adv_*), and the
+logits of every query augmentation (`demem_ext.audit.queries`) as aug_logits / adv_aug_logits [N, A, K].
 """
 
 from __future__ import annotations
@@ -15,9 +18,9 @@ from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from demem_ext.adversarial import eval_mode, pgd
+from demem_ext.audit.queries import query_logits, query_transforms
 from demem_ext.adversarial.robustness import natural_accuracy, pgd_accuracy
 from demem_ext.training.checkpoint import load_checkpoint, save_checkpoint
 from demem_ext.training.data import load_dataset
@@ -25,7 +28,6 @@ from demem_ext.training import TrainConfig, train
 
 KEEP_FORMAT = "demem-ext/keep-v1"
 STATS_FORMAT = "demem-ext/shadow-stats-v1"
-QUERY_STEPS = 10
 
 
 def inclusion_masks(num_models: int, num_samples: int, seed: int) -> torch.Tensor:
@@ -81,28 +83,18 @@ def _load_or_create_keep(out_dir: Path, cfg: TrainConfig, num_models: int, num_s
     return keep
 
 
-@torch.no_grad()
-def _logits(model: nn.Module, dataset: Dataset, device: str, eps: float, clamp: tuple[float, float],
-            adversarial: bool, seed: int, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    torch.manual_seed(seed)
-    outs, labels = [], []
-    for x, y, _ in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-        x, y = x.to(device), y.to(device)
-        if adversarial:
-            x = pgd(model, x, y, eps, 2.5 * eps / QUERY_STEPS, QUERY_STEPS, clamp=clamp)
-        with eval_mode(model):
-            outs.append(model(x).float().cpu())
-        labels.append(y.cpu())
-    return torch.cat(outs), torch.cat(labels)
-
-
 def population_stats(model: nn.Module, population: Dataset, cfg: TrainConfig,
                      clamp: tuple[float, float]) -> dict[str, torch.Tensor]:
-    """Logits, losses and correctness of `model` on every population sample, natural and under PGD."""
+    """Logits, losses and correctness of `model` on every population sample, natural and under PGD,
+    and the logits of every query augmentation (aug_logits, adv_aug_logits [N, A, K])."""
     stats: dict[str, torch.Tensor] = {}
+    transforms = query_transforms(cfg.dataset)
     for prefix, adversarial in (("", False), ("adv_", True)):
-        logits, labels = _logits(model, population, cfg.device, cfg.eps, clamp, adversarial, cfg.seed)
+        aug, labels = query_logits(model, population, transforms, cfg.device,
+                                   (cfg.eps, clamp) if adversarial else None, cfg.seed)
+        logits = aug[:, 0]  # the identity query
         stats[prefix + "logits"] = logits
+        stats[prefix + "aug_logits"] = aug
         stats[prefix + "loss"] = nn.functional.cross_entropy(logits, labels, reduction="none")
         stats[prefix + "correct"] = logits.argmax(1) == labels
         stats["labels"] = labels
@@ -166,6 +158,9 @@ def load_stats(out_dir: str | Path, num_models: Optional[int] = None) -> dict[st
     merged: dict[str, Any] = {"keep": keep, "settings": saved["settings"], "labels": per_model[0]["labels"]}
     for key in ("logits", "loss", "correct", "adv_logits", "adv_loss", "adv_correct"):
         merged[key] = torch.stack([s[key] for s in per_model])
+    for key in ("aug_logits", "adv_aug_logits"):  # absent from stats written before query augmentations
+        if all(key in s for s in per_model):
+            merged[key] = torch.stack([s[key] for s in per_model])
     for key in ("test_natural_acc", "test_pgd20_acc", "num_train"):
         merged[key] = torch.tensor([float(s[key]) for s in per_model])
     merged["demem"] = [s["demem"] for s in per_model]

@@ -212,7 +212,7 @@ def bench_case(case: Case, device: torch.device, warmup: int, repeats: int, *, o
     }
     if device.type == "cpu":
         coeff = torch.rand(case.batch, generator=noise_gen).to(grads.dtype)
-        acc_coeff = coeff.to(reference.accumulation_dtype(grads.dtype))
+        acc_coeff = coeff.to(rule.accumulation_dtype(grads.dtype))
         columns["norm"] = (None, lambda: torch.linalg.vector_norm(grads, dim=1))
         columns["mv"] = (None, lambda: coeff @ grads)
         columns["pnorm"] = (None, lambda: torch.ops.demem.cpu_fused_pass(grads, acc_coeff, "norms"))

@@ -1,6 +1,6 @@
-"""The figures and the Markdown report of `demem reproduce` (docs/results.md style).
+"""The Markdown report of `demem reproduce` (docs/results.md style).
 
-The rows come from `demem_ext.reproduce`; the report's "## Reading" section is written by hand and
+The rows come from `demem_ext.reproduce.rows`; the report's "## Reading" section is written by hand and
 kept when the report is rewritten.
 """
 
@@ -11,100 +11,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-import torch
-
 from demem_ext.training.checkpoint import write_text_atomic
-
-
-# ---------------------------------------------------------------- figures
-
-def _figure(size: tuple[float, float] = (8, 5.5)):
-    from matplotlib.figure import Figure  # no pyplot: no global backend state, renders with Agg
-
-    return Figure(figsize=size)
-
-
-def plot_tradeoff(rows: Sequence[dict[str, Any]], path: Path, use_autoattack: bool) -> Path:
-    """TPR at 1% FPR (LiRA online) against robust accuracy, one labelled point per configuration."""
-    fig = _figure((8, 5.5))
-    ax = fig.add_subplot()
-    markers = {"baseline": "o", "dp": "s", "demem": "^", "demem-trace": "D", "demem-variant": "v"}
-    colors = {"PGD-AT": "tab:blue", "TRADES": "tab:orange"}
-    placed = 0
-    for r in rows:
-        if r["status"] != "ok":
-            continue
-        x = r["model0"]["autoattack_acc"] if use_autoattack else r["mean_test_pgd20_acc"]
-        if x is None:
-            continue
-        y = r["lira_online"]["tpr_at_fpr_0.01"]
-        ax.scatter([100 * x], [100 * y], marker=markers[r["method"]], color=colors[r["family"]], s=40)
-        offset = (5, 4) if placed % 2 == 0 else (5, -9)  # alternate above/below: fewer overlaps
-        ax.annotate(r["folder"], (100 * x, 100 * y), textcoords="offset points", xytext=offset, fontsize="x-small")
-        placed += 1
-    for method, label in (("baseline", "no defence"), ("dp", "DP-SGD"), ("demem", "DeMem (loss)"),
-                          ("demem-trace", "DeMem (loss trace)"), ("demem-variant", "DeMem variant")):
-        ax.scatter([], [], marker=markers[method], color="gray", label=label)
-    for family, color in colors.items():
-        ax.scatter([], [], marker="o", color=color, label=family)
-    ax.axhline(1.0, color="k", linestyle=":", linewidth=0.8, label="chance (TPR = FPR = 1%)")
-    ax.set(xlabel=("AutoAttack accuracy of model 0 (%)" if use_autoattack else "mean PGD-20 test accuracy (%)"),
-           ylabel="LiRA online TPR at 1% FPR (%)", title="privacy–robustness trade-off (lower right is better)")
-    ax.legend(loc="best", fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    return path
-
-
-def accuracy_by_memorization(reference: dict[str, Any], stats: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Per configuration: mean over its models of their OUT-sample accuracy per memorization bin.
-
-    Memorization scores come from `reference` (the PGD-AT models), the common yardstick.
-    """
-    from demem_ext.audit import memorization
-
-    mem = memorization.scores(reference["correct"], reference["keep"])
-    out: dict[str, Any] = {}
-    for name, s in stats.items():
-        entry = {}
-        for kind, key in (("natural", "correct"), ("robust", "adv_correct")):
-            per_model = [memorization.accuracy_by_bin(mem, torch.where(~s["keep"][m], s[key][m].double(), torch.nan))
-                         for m in range(s["keep"].shape[0])]
-            bins = []
-            for b, first in enumerate(per_model[0]):
-                values = [p[b]["accuracy"] for p in per_model if p[b]["accuracy"] is not None]
-                bins.append({"low": first["low"], "high": first["high"],
-                             "count": int(round(sum(p[b]["count"] for p in per_model) / len(per_model))),
-                             "accuracy": sum(values) / len(values) if values else None})
-            entry[kind] = bins
-        out[name] = entry
-    return out
-
-
-def plot_accuracy_by_memorization(table: dict[str, Any], path: Path) -> Path:
-    """Grouped bars: OUT-sample accuracy per memorization bin, natural and robust, per configuration."""
-    import numpy as np
-
-    fig = _figure((11, 4.5))
-    names = list(table)
-    for panel, kind in enumerate(("natural", "robust")):
-        ax = fig.add_subplot(1, 2, panel + 1)
-        bins = table[names[0]][kind]
-        x = np.arange(len(bins))
-        width = 0.8 / len(names)
-        for j, name in enumerate(names):
-            acc = [100 * b["accuracy"] if b["accuracy"] is not None else 0.0 for b in table[name][kind]]
-            ax.bar(x + (j - (len(names) - 1) / 2) * width, acc, width, label=name)
-        ax.set_xticks(x, [f"[{b['low']:g}, {b['high']:g}{']' if i == len(bins) - 1 else ')'}\n"
-                          f"n≈{b['count']}" for i, b in enumerate(bins)], fontsize="x-small")
-        ax.set(xlabel="memorization score (PGD-AT models)", ylabel=f"{kind} accuracy on OUT samples (%)",
-               ylim=(0, 105), title=f"{kind} accuracy per memorization bin")
-        if panel == 0:
-            handles, labels = ax.get_legend_handles_labels()
-    fig.legend(handles, labels, loc="upper center", ncol=len(names), fontsize="small")
-    fig.tight_layout(rect=(0, 0, 1, 0.92))
-    fig.savefig(path, dpi=120)
-    return path
 
 
 # ---------------------------------------------------------------- the report
@@ -113,17 +20,71 @@ def _pct(x: Optional[float]) -> str:
     return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.2f}%"
 
 
-def _tpr_ci(r: dict[str, Any]) -> str:
-    ci = r["lira_online"].get("tpr_at_fpr_0.01_ci95")
-    text = _pct(r["lira_online"]["tpr_at_fpr_0.01"])
-    return text if ci is None else f"{text} [{100 * ci[0]:.2f}, {100 * ci[1]:.2f}]"
+def _ci(x: float, ci: Optional[Sequence[float]], scale: float = 100) -> str:
+    text = f"{scale * x:.2f}" + ("%" if scale == 100 else "")
+    return text if ci is None else f"{text} [{scale * ci[0]:.2f}, {scale * ci[1]:.2f}]"
 
 
-def _vs_base(r: dict[str, Any]) -> str:
-    change = r.get("tpr_at_fpr_0.01_vs_baseline")
+def _vs_base(r: dict[str, Any], fpr: str = "0.01") -> str:
+    """The paired change from the family baseline: points, and the relative change where it is defined."""
+    change = r.get("vs_baseline", {}).get(fpr)
     if change is None:
         return "—"
-    return f"{100 * change['relative']:+.0f}% [{100 * change['ci95'][0]:+.0f}, {100 * change['ci95'][1]:+.0f}]"
+    points = f"{100 * change['difference']:+.2f} pts [{100 * change['difference_ci95'][0]:+.2f}, " \
+             f"{100 * change['difference_ci95'][1]:+.2f}]"
+    if change["relative"] is None:
+        return points + "; relative: undefined (baseline TPR 0)"
+    rel = f"{100 * change['relative']:+.0f}%"
+    if change["relative_ci95"] is not None:
+        rel += f" [{100 * change['relative_ci95'][0]:+.0f}, {100 * change['relative_ci95'][1]:+.0f}]"
+    return f"{points}; {rel}"
+
+
+def _attack_table(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Every attack (rows) for every configuration (columns): TPR@0.1% / TPR@1% / AUC."""
+    ok = [r for r in rows if r["status"] == "ok"]
+    if not ok:
+        return []
+    lines = ["## Every attack", "", "TPR at 0.1% FPR / TPR at 1% FPR / AUC of each attack (leave-one-out over the "
+             "M models). The primary attack is marked **P**; the worst case is the column maximum.", "",
+             "| attack | " + " | ".join(f"`{r['folder']}`" for r in ok) + " |", "|---|" + "---:|" * len(ok)]
+    for name in ok[0]["attacks"]:
+        mark = " **P**" if name == ok[0]["primary"]["attack"] else ""
+        cells = [f"{_pct(r['attacks'][name]['tpr_at_fpr_0.001'])} / {_pct(r['attacks'][name]['tpr_at_fpr_0.01'])} / "
+                 f"{r['attacks'][name]['auc']:.3f}" for r in ok]
+        lines.append(f"| {name}{mark} | " + " | ".join(cells) + " |")
+    lines.append("| **worst case** | " + " | ".join(
+        f"{_pct(r['worst_case']['tpr_at_fpr_0.001'])} / {_pct(r['worst_case']['tpr_at_fpr_0.01'])} / "
+        f"{r['worst_case']['auc']:.3f}" for r in ok) + " |")
+    return lines + [""]
+
+
+def replicate_lines(table: Sequence[dict[str, Any]]) -> list[str]:
+    """The replicate section: mean over replicates with 95% t-intervals, and the paired change."""
+    if not table:
+        return []
+    seeds = ", ".join(str(s) for s in table[0]["seeds"])
+    lines = ["## Replicates", "", f"{len(table[0]['seeds'])} independent replicates (inclusion-mask seeds {seeds}); "
+             f"attack: {table[0]['attack']}. Mean over replicates [95% t-interval across replicates]; \"vs base\": "
+             "the paired change from the family baseline computed per replicate, then averaged (points; relative "
+             "where every replicate's baseline TPR is > 0).", "",
+             "| configuration | TPR@0.1% | vs base @0.1% | TPR@1% | vs base @1% | per-replicate TPR@1% |",
+             "|---|---:|---:|---:|---:|---|"]
+
+    def change(cell: dict[str, Any]) -> str:
+        if "difference" not in cell:
+            return "—"
+        d = cell["difference"]
+        text = _ci(d["mean"], d["ci95"]).replace("%", " pts")
+        rel = cell["relative"]
+        return text + ("; relative undefined (a baseline TPR is 0)" if rel is None else
+                       f"; {_ci(rel['mean'], rel['ci95'])}")
+
+    for e in table:
+        lo, hi = e["0.001"], e["0.01"]
+        lines.append(f"| {e['name']} | {_ci(lo['mean'], lo['ci95'])} | {change(lo)} | {_ci(hi['mean'], hi['ci95'])} | "
+                     f"{change(hi)} | {', '.join(_pct(v) for v in hi['values'])} |")
+    return lines + [""]
 
 
 def write_results(summary: dict[str, Any], path: str | Path) -> Path:
@@ -136,7 +97,8 @@ def write_results(summary: dict[str, Any], path: str | Path) -> Path:
         if name is None:
             continue
         if path.parent.resolve() != source.resolve():
-            shutil.copyfile(source / name, path.parent / name)
+            shutil.copyfile(source / name, path.parent / Path(name).name)
+            name = Path(name).name
         images[key] = name
     v = summary["versions"]
     rows = summary["rows"]
@@ -166,30 +128,38 @@ def write_results(summary: dict[str, Any], path: str | Path) -> Path:
         "",
         "## Results",
         "",
-        "Natural and PGD-20: mean test accuracy over the M models. AutoAttack: model 0. LiRA: online, "
-        "leave-one-out, natural queries unless marked \"adv-query\". TPR@1% [95% CI]: bootstrap over the "
+        "Natural and PGD-20: mean test accuracy over the M models. AutoAttack: model 0. Primary attack: "
+        f"{summary.get('primary_attack', '')} (leave-one-out; rule: {summary.get('primary_rule', '')}). "
+        "TPR [95% CI]: bootstrap over the "
         f"population samples ({summary['bootstrap_resamples']} resamples, all M pairs of a sample kept together); "
-        "\"vs base\": relative change from the family's baseline (PGD-AT or TRADES), paired on the same "
-        "resamples. These intervals cover the sampling of the audited samples, not the randomness of "
-        "training. ε at δ = 1e-5 for the DP-SGD rows (RDP accounting); \"—\" where ε is not guaranteed.",
+        "\"vs base\": change from the family's baseline (PGD-AT or TRADES) in points and relative, paired on the "
+        "same resamples. These intervals cover the sampling of the audited samples, not the randomness of "
+        "training (see the replicates for that). Worst case: the highest TPR over all attacks at that FPR "
+        "(chosen after the fact: optimistic for the attacker). \"LiRA online\": the per-example-variance "
+        "attack on natural queries, the weak headline of earlier reports, for comparison. "
+        "ε at δ = 1e-5 for the DP-SGD rows (RDP accounting); \"—\" where ε is not guaranteed.",
         "",
-        "| configuration | natural | PGD-20 | AutoAttack | LiRA TPR@0.1% | TPR@1% [95% CI] | vs base [95% CI] | AUC "
-        "| adv-query TPR@1% | ε | train time |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| configuration | natural | PGD-20 | AutoAttack | primary TPR@0.1% [95% CI] | primary TPR@1% [95% CI] "
+        "| vs base @1% [95% CI] | primary AUC | worst-case TPR@0.1% | worst-case TPR@1% | LiRA online TPR@1% | ε "
+        "| train time |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         if r["status"] != "ok":
             lines.append(f"| {r['name']} (`{r['folder']}`) | **diverged**: {_pct(r['mean_test_natural_acc'])} | "
-                         f"{_pct(r['mean_test_pgd20_acc'])} | — | — | — | — | — | — | — | "
+                         f"{_pct(r['mean_test_pgd20_acc'])} | — | — | — | — | — | — | — | — | — | "
                          f"{r['train_seconds']:.0f} s |")
             continue
         eps = f"{r['epsilon']:.3g}" if r["epsilon"] is not None else "—"
+        p, w = r["primary"], r["worst_case"]
         lines.append(f"| {r['name']} (`{r['folder']}`) | {_pct(r['mean_test_natural_acc'])} | "
                      f"{_pct(r['mean_test_pgd20_acc'])} | {_pct(r['model0']['autoattack_acc'])} | "
-                     f"{_pct(r['lira_online']['tpr_at_fpr_0.001'])} | {_tpr_ci(r)} | {_vs_base(r)} | "
-                     f"{r['lira_online']['auc']:.3f} | {_pct(r['lira_online_adv']['tpr_at_fpr_0.01'])} | {eps} | "
-                     f"{r['train_seconds']:.0f} s |")
-    lines += ["", "Model 0 alone (the model AutoAttack evaluates):", "",
+                     f"{_ci(p['tpr_at_fpr_0.001'], p.get('tpr_at_fpr_0.001_ci95'))} | "
+                     f"{_ci(p['tpr_at_fpr_0.01'], p.get('tpr_at_fpr_0.01_ci95'))} | {_vs_base(r)} | {p['auc']:.3f} | "
+                     f"{_pct(w['tpr_at_fpr_0.001'])} | {_pct(w['tpr_at_fpr_0.01'])} | "
+                     f"{_pct(r['lira_online']['tpr_at_fpr_0.01'])} | {eps} | {r['train_seconds']:.0f} s |")
+    lines += [""] + _attack_table(rows) + replicate_lines(summary.get("replicates", []))
+    lines += ["Model 0 alone (the model AutoAttack evaluates):", "",
               "| configuration | natural | PGD-20 | AutoAttack |", "|---|---:|---:|---:|"]
     for r in rows:
         if r["status"] == "ok":
@@ -216,9 +186,10 @@ def write_results(summary: dict[str, Any], path: str | Path) -> Path:
                   f"{'yes' if c['qualifies'] else 'no'} |" for c in choice["candidates"]]
         lines.append("")
     lines += ["## Figures", ""]
-    captions = {"roc": "LiRA online ROC (log-log), all configurations",
-                "tradeoff": f"privacy–robustness trade-off: TPR at 1% FPR vs {summary['robust_axis']} "
-                            "(points labelled by configuration folder, as in the table)",
+    captions = {"roc": "ROC (log-log) per configuration family: the primary attack for every configuration, "
+                       "LiRA offline (dashed) for the family baseline",
+                "tradeoff": f"privacy–robustness trade-off: primary attack's TPR at 1% FPR (95% bootstrap "
+                            f"interval) vs {summary['robust_axis']}",
                 "memorization": "accuracy on OUT samples per memorization-score bin"}
     for key, name in images.items():
         lines += [f"![{captions[key]}]({name})", ""]

@@ -11,12 +11,13 @@ from demem_ext.cli import main
 from demem_ext.config import DeMemConfig
 from demem_ext.reproduce import (ALL_SLUGS, SLUGS, VARIANT_SLUGS, choose_lambda, configurations, demem_fields,
                                  parse_configs, reproduce)
+from demem_ext.audit.attacks import PRIMARY_ATTACK
 from demem_ext.training import TrainConfig
 
 CONFIGS = ["pgd-at", "pgd-dp-s1", "pgd-demem-l1", "pgd-demem-trace"]
 TINY_FLAGS = ["--models", "2", "--epochs", "1", "--attack-steps", "1", "--batch-size", "256",
               "--autoattack", "fast", "--eval-limit", "16", "--configs", ",".join(CONFIGS), "--no-progress"]
-PLOTS = ("roc_lira_online.png", "privacy_robustness.png", "accuracy_by_memorization.png")
+PLOTS = ("roc_primary.png", "privacy_robustness.png", "accuracy_by_memorization.png")
 
 
 def _quiet(_: str) -> None:
@@ -41,10 +42,12 @@ def test_reproduce_end_to_end_then_rerun_trains_nothing(tmp_path: Path, capsys: 
     for png in PLOTS:
         assert (out / png).stat().st_size > 1000
     text = (out / "results.md").read_text()
-    assert len(rows["pgd-demem-l1"]["lira_online"]["tpr_at_fpr_0.01_ci95"]) == 2
-    assert rows["pgd-demem-l1"]["tpr_at_fpr_0.01_vs_baseline"]["baseline"] == "pgd-at"
-    assert "tpr_at_fpr_0.01_vs_baseline" not in rows["pgd-at"]
-    for needle in ("| configuration | natural | PGD-20 | AutoAttack | LiRA TPR@0.1% | TPR@1% [95% CI] | vs base",
+    assert len(rows["pgd-demem-l1"]["primary"]["tpr_at_fpr_0.01_ci95"]) == 2
+    assert rows["pgd-demem-l1"]["vs_baseline"]["baseline"] == "pgd-at"
+    assert "vs_baseline" not in rows["pgd-at"]
+    assert rows["pgd-at"]["primary"]["attack"] == PRIMARY_ATTACK and "worst_case" in rows["pgd-at"]
+    for needle in ("| configuration | natural | PGD-20 | AutoAttack | primary TPR@0.1% [95% CI] | primary TPR@1%",
+                   "## Every attack", "**worst case**",
                    "## Reading",
                    "torchattacks", "Choice of λ", *(f"]({png})" for png in PLOTS)):
         assert needle in text
@@ -115,7 +118,7 @@ def test_lambda_choice_rule() -> None:
 
 def test_diverged_configuration_is_recorded_and_not_retrained(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """λ > 1 can diverge: the run records it, reports it and goes on; a rerun does not train it again."""
-    import demem_ext.reproduce.run as rep
+    import demem_ext.reproduce.jobs as rep
     from demem_ext.ops.functional import NonFiniteError
 
     real = rep.train_shadow_models
@@ -157,3 +160,15 @@ def test_folder_of_another_configuration_is_refused(tmp_path: Path) -> None:
     save_checkpoint(keep, tmp_path / "pgd-demem-l1" / "keep.pt")
     with pytest.raises(ValueError, match="another configuration"):
         rep.reproduce(tmp_path, **kwargs)
+
+
+def test_replicates_get_their_own_folders_and_a_t_interval_summary(tmp_path: Path) -> None:
+    summary = reproduce(tmp_path, models=2, epochs=1, configs=["pgd-at", "pgd-demem-l1"], autoattack="none",
+                        eval_limit=16, base_overrides={"attack_steps": 1, "batch_size": 256}, log=_quiet,
+                        keep_seeds="0,1")
+    assert summary["keep_seeds"] == [0, 1]
+    for seed in (0, 1):
+        assert json.loads((tmp_path / f"keep-{seed}" / "summary.json").read_text())["keep_seed"] == seed
+    entry = {e["slug"]: e for e in summary["replicates"]}["pgd-demem-l1"]
+    assert entry["seeds"] == [0, 1] and len(entry["0.01"]["difference"]["values"]) == 2
+    assert "## Replicates" in (tmp_path / "results.md").read_text()

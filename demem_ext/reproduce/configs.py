@@ -1,0 +1,118 @@
+"""The configurations of `demem reproduce`: PGD-AT / TRADES, DP-SGD, the DeMem λ sweep, the loss-trace
+proxy and the rule variants, each built from one base TrainConfig by overrides (docs/design.md, "The
+rule" and "The reproduction")."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Iterable, Optional
+
+from demem_ext.config import DeMemConfig
+from demem_ext.training import TrainConfig
+
+QUICK_MODELS, QUICK_EPOCHS, QUICK_BATCH = 4, 15, 32  # smaller batches: more steps per epoch
+FULL_MODELS = 16
+SWEEP_LAMBDAS = (0.25, 0.5, 0.75, 1.0, 2.0)
+DP_NOISE = (0.5, 1.0)
+DP_CLIP = 1.0
+FALLBACK_LAMBDA = 0.5
+TRACE_SLUG = "pgd-demem-trace"
+BASELINE_SLUG = "pgd-at"
+DP_REFERENCE_SLUG = "pgd-dp-s1"
+FAMILY_BASELINE = {"PGD-AT": BASELINE_SLUG, "TRADES": "trades"}
+
+@dataclass(frozen=True)
+class Configuration:
+    """One row of the comparison."""
+
+    name: str
+    slug: str
+    config: TrainConfig
+    family: str                   # "PGD-AT" | "TRADES"
+    method: str                   # "baseline" | "dp" | "demem" | "demem-trace"
+    lam: Optional[float] = None   # DeMem λ (None: no DeMem)
+    noise: Optional[float] = None  # DP-SGD σ
+    report_epsilon: bool = False  # a DP-SGD configuration: ε is reported
+
+    @property
+    def folder(self) -> str:
+        """The folder of its audit; the trace configuration's λ is part of it (chosen at run time)."""
+        return f"{self.slug}-l{self.lam:g}" if self.method == "demem-trace" else self.slug
+
+
+def demem_fields(**overrides: Any) -> dict[str, Any]:
+    """Every DeMemConfig field, spelled out: a later change of the defaults cannot reuse stale models."""
+    return dataclasses.asdict(DeMemConfig(**overrides))
+
+
+def _dp(base: TrainConfig, noise: float) -> dict[str, Any]:
+    return {"use_demem": True, "demem": demem_fields(lam=0.0, max_grad_norm=DP_CLIP, noise_multiplier=noise,
+                                                     clip_scope="all", expected_batch_size=base.batch_size)}
+
+
+# Variants of the rule (docs/design.md, "The rule") tried to move the trade-off; run with --configs variants|all.
+# Pinned to the provisional rule (hard selection, τ = mean + 1·std) except where they say otherwise.
+PROVISIONAL_RULE = {"selection": "hard", "threshold": "mean", "k": 1.0, "proxy": "loss"}
+VARIANTS: tuple[tuple[str, str, str, dict[str, Any]], ...] = (  # slug, family, label, DeMem fields
+    ("pgd-demem-l1-k1.5", "PGD-AT", "λ = 1, τ = mean + 1.5·std", {"lam": 1.0, "k": 1.5}),
+    ("pgd-demem-l1-k2", "PGD-AT", "λ = 1, τ = mean + 2·std", {"lam": 1.0, "k": 2.0}),
+    ("pgd-demem-l1-soft", "PGD-AT", "λ = 1, soft selection T = 0.25",
+     {"lam": 1.0, "selection": "soft", "temperature": 0.25}),
+    ("pgd-demem-l0.5-clip", "PGD-AT", "λ = 0.5, high-risk clipping C = 1",
+     {"lam": 0.5, "max_grad_norm": 1.0, "clip_scope": "high_risk"}),
+    ("trades-demem-l0.75", "TRADES", "λ = 0.75", {"lam": 0.75}),
+)
+
+
+def configurations(base: TrainConfig, trace_lam: float = FALLBACK_LAMBDA) -> list[Configuration]:
+    """The comparison's configurations, built from `base` (dataset, epochs, attack ...) by overrides."""
+    default_lam = DeMemConfig().lam
+    pgd = dataclasses.replace(base, at="pgd")
+    trades = dataclasses.replace(base, at="trades")
+
+    def make(name: str, slug: str, start: TrainConfig, family: str, method: str, lam: Optional[float] = None,
+             noise: Optional[float] = None, **overrides: Any) -> Configuration:
+        return Configuration(name, slug, dataclasses.replace(start, **overrides), family, method, lam, noise,
+                             report_epsilon=method == "dp")
+
+    out = [make("PGD-AT", BASELINE_SLUG, pgd, "PGD-AT", "baseline", use_demem=False, demem={})]
+    for sigma in DP_NOISE:
+        out.append(make(f"PGD-AT + DP-SGD (C = {DP_CLIP:g}, σ = {sigma:g})", f"pgd-dp-s{sigma:g}", pgd, "PGD-AT",
+                        "dp", noise=sigma, **_dp(base, sigma)))
+    for lam in SWEEP_LAMBDAS:
+        out.append(make(f"PGD-AT + DeMem (λ = {lam:g})", f"pgd-demem-l{lam:g}", pgd, "PGD-AT", "demem", lam=lam,
+                        use_demem=True, demem=demem_fields(lam=lam)))
+    out.append(make(f"PGD-AT + DeMem, loss trace (λ = {trace_lam:g})", TRACE_SLUG, pgd, "PGD-AT", "demem-trace",
+                    lam=trace_lam, use_demem=True, demem=demem_fields(lam=trace_lam, proxy="trace")))
+    out.append(make("TRADES", "trades", trades, "TRADES", "baseline", use_demem=False, demem={}))
+    out.append(make(f"TRADES + DP-SGD (C = {DP_CLIP:g}, σ = 1)", "trades-dp-s1", trades, "TRADES", "dp", noise=1.0,
+                    **_dp(base, 1.0)))
+    out.append(make(f"TRADES + DeMem (λ = {default_lam:g})", "trades-demem", trades, "TRADES", "demem",
+                    lam=default_lam, use_demem=True, demem=demem_fields(lam=default_lam)))
+    for slug, family, label, overrides in VARIANTS:
+        out.append(make(f"{family} + DeMem variant ({label})", slug, pgd if family == "PGD-AT" else trades, family,
+                        "demem-variant", lam=overrides["lam"], use_demem=True,
+                        demem=demem_fields(**{**PROVISIONAL_RULE, **overrides})))
+    return out
+
+
+ALL_SLUGS = tuple(c.slug for c in configurations(TrainConfig()))
+VARIANT_SLUGS = tuple(slug for slug, *_ in VARIANTS)
+SLUGS = tuple(s for s in ALL_SLUGS if s not in VARIANT_SLUGS)  # the comparison (the default selection)
+KEYWORDS = {"all": ALL_SLUGS, "variants": VARIANT_SLUGS, "comparison": SLUGS}
+
+
+def parse_configs(text: Optional[str | Iterable[str]]) -> Optional[list[str]]:
+    """"a,b" (or a list; keywords all/variants/comparison) -> validated slugs in order; None/empty -> None."""
+    if text is None:
+        return None
+    items = [s.strip() for s in (text.split(",") if isinstance(text, str) else text) if s.strip()]
+    if not items:
+        return None
+    expanded = {slug for item in items for slug in KEYWORDS.get(item, (item,))}
+    unknown = [s for s in items if s not in ALL_SLUGS and s not in KEYWORDS]
+    if unknown:
+        raise ValueError(f"unknown configuration(s) {', '.join(map(repr, unknown))}; "
+                         f"choose from: {', '.join(ALL_SLUGS)} (or {', '.join(KEYWORDS)})")
+    return [s for s in ALL_SLUGS if s in expanded]

@@ -1,0 +1,181 @@
+"""The work of `demem reproduce` on disk: training the shadow models of the configurations (in-process
+or in a spawn pool), recording divergence, and the cached robustness evaluation of model 0."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import multiprocessing
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+
+from demem_ext.audit.shadow import missing_models, model_dir, prepare_masks, train_shadow_models
+from demem_ext.ops.functional import NonFiniteError
+from demem_ext.reproduce.configs import Configuration
+from demem_ext.training import TrainConfig
+from demem_ext.training.checkpoint import load_checkpoint, write_text_atomic
+
+EVAL_NAME = "eval_model0.json"
+DIVERGED_NAME = "diverged.json"
+
+
+def _worker_init() -> None:
+    torch.set_num_threads(1)
+
+
+def _train_model(cfg_dict: dict[str, Any], out_dir: str, num_models: int, keep_seed: int, model_id: int) -> list[int]:
+    """Train exactly one shadow model (shard (model_id, M) holds only that model); in a worker process."""
+    return train_shadow_models(TrainConfig.from_dict(cfg_dict), out_dir, num_models=num_models, seed=keep_seed,
+                               shard=(model_id, num_models), progress=False, log=lambda _: None)
+
+
+class Pool:
+    """A spawn-context process pool started on first use and shared by the phases of one reproduction."""
+
+    def __init__(self, jobs: int) -> None:
+        self.jobs, self.executor = jobs, None
+
+    def get(self) -> concurrent.futures.ProcessPoolExecutor:
+        if self.executor is None:
+            context = multiprocessing.get_context("spawn")
+            self.executor = concurrent.futures.ProcessPoolExecutor(self.jobs, mp_context=context,
+                                                                   initializer=_worker_init)
+        return self.executor
+
+    def close(self) -> None:
+        if self.executor is not None:
+            self.executor.shutdown(wait=True, cancel_futures=True)
+            self.executor = None
+
+
+def divergence(c: Configuration, out: Path) -> Optional[dict[str, Any]]:
+    """The recorded divergence of c's training (None if none is recorded for this configuration)."""
+    path = out / c.folder / DIVERGED_NAME
+    if not path.exists():
+        return None
+    record = json.loads(path.read_text())
+    return record if record.get("config") == c.config.to_dict() else None
+
+
+def _record_divergence(c: Configuration, out: Path, model_id: int, exc: Exception,
+                       log: Callable[[str], None]) -> None:
+    """Write DIVERGED_NAME: training c is deterministic, so a rerun does not train it again."""
+    if divergence(c, out) is not None:
+        return
+    metrics = model_dir(out / c.folder, model_id) / "metrics.jsonl"
+    epochs = len([line for line in metrics.read_text().splitlines() if line.strip()]) if metrics.exists() else 0
+    record = {"config": c.config.to_dict(), "model": model_id, "epochs_completed": epochs, "error": str(exc)}
+    write_text_atomic(json.dumps(record, indent=2), out / c.folder / DIVERGED_NAME)
+    log(f"[{c.slug}] diverged: model {model_id} after {epochs} epochs: {exc}")
+
+
+def train_all(selected: Sequence[Configuration], out: Path, num_models: int, keep_seed: int, pool: Pool,
+               progress: bool, log: Callable[[str], None]) -> dict[str, list[int]]:
+    """Train the missing shadow models of the configurations; returns the ids trained per folder.
+
+    A configuration whose training turns non-finite (NonFiniteError) is recorded as diverged and its
+    other models are not trained; the run goes on with the other configurations.
+    """
+    trained: dict[str, list[int]] = {c.folder: [] for c in selected}
+    live = [c for c in selected if divergence(c, out) is None]
+    todo = [(c, i) for c in live for i in missing_models(out / c.folder, num_models)]
+    if not todo:
+        return trained
+    for c in live:
+        prepare_masks(c.config, out / c.folder, num_models, keep_seed)  # before workers race; refuses a mismatch
+    if pool.jobs <= 1:
+        for c, i in todo:
+            if divergence(c, out) is not None:
+                continue
+            log(f"[{c.slug}] training shadow model {i + 1}/{num_models} ({c.name})")
+            try:
+                trained[c.folder] += train_shadow_models(c.config, out / c.folder, num_models=num_models,
+                                                         seed=keep_seed, shard=(i, num_models), progress=progress,
+                                                         log=lambda m, s=c.slug: log(f"[{s}] {m}"))
+            except NonFiniteError as exc:
+                _record_divergence(c, out, i, exc, log)
+        return trained
+    log(f"training {len(todo)} shadow models in {pool.jobs} processes")
+    executor = pool.get()
+    futures = {executor.submit(_train_model, c.config.to_dict(), str(out / c.folder), num_models, keep_seed, i): (c, i)
+               for c, i in todo}
+    for done, future in enumerate(concurrent.futures.as_completed(futures), 1):
+        c, i = futures[future]
+        if future.cancelled():
+            continue
+        try:
+            trained[c.folder] += future.result()
+        except NonFiniteError as exc:
+            _record_divergence(c, out, i, exc, log)
+            for other, (c2, _) in futures.items():
+                if c2 is c:
+                    other.cancel()  # models of c not started yet
+            continue
+        log(f"[{c.slug}] model {i} done ({done}/{len(todo)})")
+    for ids in trained.values():
+        ids.sort()
+    return trained
+
+
+def _eval_settings(autoattack: str, limit: Optional[int]) -> dict[str, Any]:
+    return {"autoattack": autoattack, "limit": limit, "model": 0}
+
+
+def _cached_evaluation(folder: Path, autoattack: str, limit: Optional[int]) -> Optional[dict[str, Any]]:
+    path = folder / EVAL_NAME
+    if path.exists():
+        cached = json.loads(path.read_text())
+        if cached.get("settings") == _eval_settings(autoattack, limit):
+            return cached
+    return None
+
+
+def evaluate_model0(folder: Path, autoattack: str, limit: Optional[int]) -> dict[str, Any]:
+    """Natural, PGD-20 and AutoAttack accuracy of model 0 on the test split, cached in EVAL_NAME."""
+    from demem_ext.adversarial.robustness import evaluate
+    from demem_ext.training import restore
+
+    cached = _cached_evaluation(folder, autoattack, limit)
+    if cached is not None:
+        return cached
+    start = time.perf_counter()
+    payload = load_checkpoint(model_dir(folder, 0) / "checkpoint.pt", expected_format="demem-ext/train-v1")
+    state = restore(payload)
+    cfg = state.config
+    result = evaluate(state.model, state.test_set, cfg.eps, state.info.num_classes, clamp=state.info.input_range,
+                      autoattack=autoattack, device=cfg.device, limit=limit, seed=cfg.seed)
+    result["settings"] = _eval_settings(autoattack, limit)
+    result["seconds"] = round(time.perf_counter() - start, 1)
+    write_text_atomic(json.dumps(result, indent=2), folder / EVAL_NAME)
+    return result
+
+
+def evaluate_all(selected: Sequence[Configuration], out: Path, autoattack: str, limit: Optional[int], pool: Pool,
+                  log: Callable[[str], None]) -> None:
+    """Evaluate model 0 of every trained, undiverged configuration lacking a cached result (in the pool)."""
+    todo = [c for c in selected if divergence(c, out) is None and _cached_evaluation(out / c.folder, autoattack, limit)
+            is None]
+    if not todo:
+        return
+    log(f"evaluating model 0 of {len(todo)} configuration(s) (natural, PGD-20, AutoAttack {autoattack})")
+    if pool.jobs <= 1:
+        for c in todo:
+            evaluate_model0(out / c.folder, autoattack, limit)
+        return
+    futures = {pool.get().submit(evaluate_model0, out / c.folder, autoattack, limit): c for c in todo}
+    for future in concurrent.futures.as_completed(futures):
+        future.result()
+        log(f"[{futures[future].slug}] model 0 evaluated")
+
+
+def train_seconds(folder: Path, num_models: int) -> float:
+    """Sum of the per-epoch training times recorded in the models' metrics.jsonl (survives reruns)."""
+    total = 0.0
+    for i in range(num_models):
+        path = model_dir(folder, i) / "metrics.jsonl"
+        if path.exists():
+            total += sum(json.loads(line).get("seconds", 0.0) for line in path.read_text().splitlines() if line.strip())
+    return total
