@@ -75,6 +75,24 @@ __device__ double block_sum(double v, double* shared) {
   return total;
 }
 
+// The maximum of v over the block (v >= 0), returned to every thread.
+__device__ double block_max(double v, double* shared) {
+  for (int o = 16; o > 0; o >>= 1) v = fmax(v, __shfl_down_sync(0xffffffffu, v, o));
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (lane == 0) shared[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    const int warps = (blockDim.x + 31) >> 5;
+    v = lane < warps ? shared[lane] : 0.0;
+    for (int o = 16; o > 0; o >>= 1) v = fmax(v, __shfl_down_sync(0xffffffffu, v, o));
+    if (lane == 0) shared[32] = v;
+  }
+  __syncthreads();
+  const double top = shared[32];
+  __syncthreads();  // `shared` may be reused after this
+  return top;
+}
+
 // ------------------------------------------------------------------------------------------------
 // Pass 1: sums of squares of (row, segment) pieces.
 // ------------------------------------------------------------------------------------------------
@@ -121,14 +139,17 @@ __global__ void prologue_kernel(const double* __restrict__ s, const double* __re
   double tau = rule.tau;
   if (rule.rule == kMean) {
     double local = 0.0;
-    for (int64_t i = threadIdx.x; i < B; i += blockDim.x) local += s[i];
+    for (int64_t i = threadIdx.x; i < B; i += blockDim.x) local = fmax(local, fabs(s[i]));
+    const int e = moment_exponent(block_max(local, shared));
+    local = 0.0;
+    for (int64_t i = threadIdx.x; i < B; i += blockDim.x) local += ldexp(s[i], -e);
     const double mean = block_sum(local, shared) / static_cast<double>(B);
     local = 0.0;
     for (int64_t i = threadIdx.x; i < B; i += blockDim.x) {
-      const double d = s[i] - mean;
+      const double d = ldexp(s[i], -e) - mean;
       local = fma(d, d, local);
     }
-    tau = mean_threshold(mean, block_sum(local, shared), B, rule.k);
+    tau = mean_threshold(mean, block_sum(local, shared), B, rule.k, e);
   } else if (rule.rule == kQuantile) {
     tau = quantile_sorted(sorted, B, rule.quantile);
   }

@@ -140,15 +140,18 @@ double threshold_cpu(const double* s, int64_t n, const RiskRule& rule) {
     std::sort(sorted.begin(), sorted.end());
     return quantile_sorted(sorted.data(), n, rule.quantile);
   }
+  double max_abs = 0.0;
+  for (int64_t i = 0; i < n; ++i) max_abs = std::max(max_abs, std::fabs(s[i]));
+  const int e = moment_exponent(max_abs);
   double sum = 0.0;
-  for (int64_t i = 0; i < n; ++i) sum += s[i];
+  for (int64_t i = 0; i < n; ++i) sum += std::ldexp(s[i], -e);
   const double mean = sum / static_cast<double>(n);
   double sq = 0.0;
   for (int64_t i = 0; i < n; ++i) {
-    const double d = s[i] - mean;
+    const double d = std::ldexp(s[i], -e) - mean;
     sq += d * d;
   }
-  return mean_threshold(mean, sq, n, rule.k);
+  return mean_threshold(mean, sq, n, rule.k, e);
 }
 
 // w_i and r_i in float64, rounded as the reference rounds them (to float32 unless scores is float64).

@@ -145,10 +145,19 @@ DEMEM_HD double quantile_sorted(const double* sorted, int64_t n, double q) {
   return fabs(weight) < 0.5 ? fma(weight, diff, a) : fma(-diff, 1.0 - weight, b);
 }
 
-// τ = mean + k·std from the population moments (sum and sum of squared deviations).
-DEMEM_HD double mean_threshold(double mean, double sq_dev_sum, int64_t n, double k) {
+// The exponent e of the power of two 2^e > max|s| (0 when max|s| is 0 or not finite): the moments of
+// s/2^e cannot overflow, and scaling by a power of two changes no rounding (rule.moment_scale).
+DEMEM_HD int moment_exponent(double max_abs) {
+  if (!(max_abs > 0.0 && max_abs <= 1.7976931348623157e308)) return 0;  // 0, NaN or inf
+  int e = 0;
+  frexp(max_abs, &e);
+  return e;
+}
+
+// τ = 2^e·(mean + k·std) from the population moments of s/2^e (mean and sum of squared deviations).
+DEMEM_HD double mean_threshold(double mean, double sq_dev_sum, int64_t n, double k, int e) {
   const double std_dev = n > 1 ? sqrt(sq_dev_sum / static_cast<double>(n)) : 0.0;
-  return add_rn(mean, mul_rn(k, std_dev));
+  return ldexp(add_rn(mean, mul_rn(k, std_dev)), e);
 }
 
 // r = 1[s > τ] (hard, strict) or sigmoid((s − τ)/T) (soft).

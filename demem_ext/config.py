@@ -11,6 +11,9 @@ PROXIES = ("loss", "trace")
 SELECTIONS = ("hard", "soft")
 THRESHOLDS = ("mean", "quantile", "fixed")
 CLIP_SCOPES = ("all", "high_risk")
+# λ above this bound gives weights (and weighted losses) far outside any useful range, and, near the
+# float32 maximum, infinite ones; measured on digits, λ = 2 already diverges (docs/results.md).
+LAM_MAX = 1000.0
 
 
 def _finite(name: str, value: Any) -> float:
@@ -38,7 +41,8 @@ class DeMemConfig:
     max_grad_norm: per-sample clipping bound C (None: no clipping).
     noise_multiplier: σ; noise std is σ·C (σ when C is None) before dividing by D.
     clip_scope: "all" or "high_risk" (clip only the high-risk samples).
-    expected_batch_size: D; None means the actual number of samples B.
+    expected_batch_size: D, a positive number (q·N with Poisson sampling, which need not be an integer);
+        None means the number of samples of the step (docs/design.md, "Gradient accumulation").
     """
 
     lam: float = 0.5
@@ -53,11 +57,11 @@ class DeMemConfig:
     max_grad_norm: Optional[float] = None
     noise_multiplier: float = 0.0
     clip_scope: str = "all"
-    expected_batch_size: Optional[int] = None
+    expected_batch_size: Optional[float] = None
 
     def __post_init__(self) -> None:
-        if _finite("lam", self.lam) < 0:
-            raise ValueError(f"lam must be >= 0, got {self.lam!r}")
+        if not 0 <= _finite("lam", self.lam) <= LAM_MAX:
+            raise ValueError(f"lam must be in [0, {LAM_MAX:g}], got {self.lam!r}")
         _choice("proxy", self.proxy, PROXIES)
         if not 0.0 <= _finite("trace_decay", self.trace_decay) < 1.0:
             raise ValueError(f"trace_decay must be in [0, 1), got {self.trace_decay!r}")
@@ -74,14 +78,8 @@ class DeMemConfig:
         if _finite("noise_multiplier", self.noise_multiplier) < 0:
             raise ValueError(f"noise_multiplier must be >= 0, got {self.noise_multiplier!r}")
         _choice("clip_scope", self.clip_scope, CLIP_SCOPES)
-        if self.expected_batch_size is not None and (
-            isinstance(self.expected_batch_size, bool)
-            or not isinstance(self.expected_batch_size, int)
-            or self.expected_batch_size <= 0
-        ):
-            raise ValueError(
-                f"expected_batch_size must be a positive int or None, got {self.expected_batch_size!r}"
-            )
+        if self.expected_batch_size is not None and _finite("expected_batch_size", self.expected_batch_size) <= 0:
+            raise ValueError(f"expected_batch_size must be > 0 or None, got {self.expected_batch_size!r}")
 
     def replace(self, **changes: Any) -> "DeMemConfig":
         """A copy with some fields changed (validated again); unknown names are an error."""

@@ -8,9 +8,11 @@ fixed-size batches ("shuffle") are what an ordinary DataLoader draws; no ε is r
 from __future__ import annotations
 
 import math
-from typing import Iterator, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Optional, Union
 
 import torch
+from torch.utils.data import default_collate
 
 SAMPLINGS = ("poisson", "shuffle")
 
@@ -56,3 +58,45 @@ class PoissonBatchSampler:
         for _ in range(self.steps):
             draws = torch.rand(self.num_samples, generator=self.generator)
             yield torch.nonzero(draws < self.sample_rate).flatten().tolist()
+
+
+def collate_allowing_empty(dataset: Any) -> Callable[[list[Any]], Any]:
+    """A `collate_fn` for Poisson batches: `default_collate`, and for an empty batch the same structure
+    with 0 rows (the shapes and dtypes of `dataset[0]`), which a DeMem block turns into a noise-only step."""
+
+    def collate(samples: list[Any]) -> Any:
+        if samples:
+            return default_collate(samples)
+        return _map_tensors(default_collate([dataset[0]]), lambda t: t[:0])
+
+    return collate
+
+
+def _map_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_map_tensors(v, fn) for v in value)
+    if isinstance(value, dict):
+        return {k: _map_tensors(v, fn) for k, v in value.items()}
+    return value
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How a DeMem block's batches are drawn: "poisson" (with the rate q when a sampler gave it) or "shuffle"."""
+
+    kind: str
+    sample_rate: Optional[float] = None
+    num_samples: Optional[int] = None
+
+    @classmethod
+    def of(cls, sampling: Union[str, PoissonBatchSampler, "Sampling"]) -> "Sampling":
+        """From DeMem's `sampling` argument: "poisson", "shuffle" or a PoissonBatchSampler."""
+        if isinstance(sampling, Sampling):
+            return sampling
+        if isinstance(sampling, PoissonBatchSampler):
+            return cls("poisson", sampling.sample_rate, sampling.num_samples)
+        if isinstance(sampling, str) and sampling in SAMPLINGS:
+            return cls(sampling)
+        raise ValueError(f"sampling must be 'poisson', 'shuffle' or a PoissonBatchSampler, got {sampling!r}")

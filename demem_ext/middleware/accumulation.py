@@ -9,12 +9,13 @@ import torch
 from torch import nn
 
 from demem_ext.config import DeMemConfig
-from demem_ext.grad_sample import LossModule, check_loss_shape
+from demem_ext.grad_sample import LossModule, check_loss_shape, flat_dtype
 from demem_ext.middleware.noise import NoiseSource
 from demem_ext.middleware.nonfinite import NonFinitePolicy
 from demem_ext.middleware.process_group import ProcessGroup
 from demem_ext.middleware.trace import LossTrace
 from demem_ext.ops import FusedResult, NonFiniteError, fused_step
+from demem_ext.ops.rule import accumulation_dtype
 
 # Default chunks of the torch.func engine: a quarter of the batch (at least CHUNK_MIN_ROWS rows), so that
 # the per-sample gradients held at once stay well below one [B, P] matrix, and at most
@@ -137,23 +138,36 @@ class PendingSum:
             self.total = total if self.total is None else self.total.add_(total)
             self.count += int(keep.sum())
         if total is not None or group.collective:  # under torch.distributed every rank takes part
-            self.params = params
             trace.commit(losses[keep], None if idx is None else idx[keep.cpu()], group)
+        self.add_empty(params)
+
+    def add_empty(self, params: list[nn.Parameter]) -> None:
+        """A call with no sample (an empty Poisson batch): the step still adds its noise."""
+        self.params = params
         self.path = "per_sample"
 
     def write_grads(self, config: DeMemConfig, noise: NoiseSource, group: ProcessGroup,
                     policy: NonFinitePolicy) -> Optional[int]:
         """.grad <- (Σ w_i·c_i·g_i + σ·C·ξ) / D for every trainable parameter (noise once per step).
 
-        Returns the number of samples of a noisy step (for the accountant), else None.
+        A step without samples is a noise-only step (D = expected_batch_size); without noise it
+        leaves `.grad` alone. Returns the number of samples of a noisy step (for the accountant), else None.
         """
         total, count = group.reduce(self.total, self.count, self.params, policy)
-        if count == 0:
-            return None
         noisy = config.noise_multiplier > 0
+        if count == 0 and not noisy:
+            return None
+        denom = config.expected_batch_size or count
+        if not denom:
+            raise ValueError("a step without samples (an empty batch) is a noise-only step, which divides by "
+                             "expected_batch_size: set it (q·N with Poisson sampling), or pass the "
+                             "PoissonBatchSampler as DeMem(..., sampling=sampler)")
+        if total is None:
+            dtype = accumulation_dtype(flat_dtype(self.params))
+            total = torch.zeros(sum(p.numel() for p in self.params), dtype=dtype, device=self.params[0].device)
         if noisy:
             noise.add_to(total, config.noise_std, group)  # total is this step's own sum: updated in place
-        grad = total.div_(config.expected_batch_size or count)
+        grad = total.div_(denom)
         for p, g in zip(self.params, grad.split([p.numel() for p in self.params])):
             new = torch.empty_like(p)
             new.copy_(g.view(p.shape))

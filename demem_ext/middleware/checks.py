@@ -10,6 +10,7 @@ from torch import nn
 from demem_ext.config import DeMemConfig
 from demem_ext.grad_sample import trainable_parameters
 from demem_ext.middleware.nonfinite import NONFINITE_MODES
+from demem_ext.sampling import Sampling
 from demem_ext.ops.functional import MAX_OFFSET
 
 ENGINES = ("torch.func", "opacus")
@@ -27,11 +28,73 @@ def block_config(model: Any, optimizer: Any, config: Any, overrides: dict[str, A
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    refuse_wrappers(model, optimizer)
+    optimizer_of(model, optimizer)
     if config is None:
         config = DeMemConfig()
     elif not isinstance(config, DeMemConfig):
         raise TypeError(f"config must be a DeMemConfig or None, got {type(config).__name__}")
     return config.replace(**overrides) if overrides else config
+
+
+# Wrappers that would apply a second, different privacy rule, or skip steps that DeMem counts.
+_OPACUS_MIGRATION = ("DeMem computes per-sample gradients, clips and adds noise itself: pass the plain model "
+                     "and optimizer, with DeMem(..., engine='opacus') for Opacus's per-sample gradients; "
+                     "README, 'Using with Lightning / Accelerate / Opacus', maps Opacus's σ and C to DeMemConfig")
+_REFUSED = {
+    ("opacus", "GradSampleModule"): ("model", _OPACUS_MIGRATION),
+    ("opacus", "DPOptimizer"): ("optimizer", _OPACUS_MIGRATION),
+    ("accelerate", "AcceleratedOptimizer"): (
+        "optimizer", "AcceleratedOptimizer skips the inner step on accumulation micro-batches, so DeMem would "
+        "overwrite .grad at each one and count noise that is never applied: wrap the optimizer inside it, "
+        "DeMem(model, accelerated_optimizer.optimizer) (README, 'Using with Lightning / Accelerate / Opacus')"),
+}
+
+
+def _wrapper_name(obj: Any) -> Optional[tuple[str, str]]:
+    for cls in type(obj).__mro__:
+        package = cls.__module__.split(".")[0]
+        if (package, cls.__name__) in _REFUSED:
+            return package, cls.__name__
+    return None
+
+
+def refuse_wrappers(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Refuse an Opacus GradSampleModule / DPOptimizer and an Accelerate AcceleratedOptimizer."""
+    modules = [model, getattr(model, "module", None)]  # also inside DistributedDataParallel
+    for name, obj in [("model", m) for m in modules if m is not None] + [("optimizer", optimizer)]:
+        found = _wrapper_name(obj)
+        if found is not None:
+            what, advice = _REFUSED[found]
+            raise ValueError(f"{what} is a {found[0]} {found[1]}: {advice}")
+
+
+def optimizer_of(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Every parameter the optimizer updates must be one of the model's (frozen ones included)."""
+    owned = {id(p) for p in model.parameters()}
+    for g, group in enumerate(optimizer.param_groups):
+        for i, p in enumerate(group["params"]):
+            if id(p) not in owned:
+                raise ValueError(
+                    f"optimizer.param_groups[{g}]['params'][{i}] (a {tuple(p.shape)} tensor) is not a parameter "
+                    "of the model: the optimizer must be built from this model's parameters")
+
+
+def sampling_options(config: DeMemConfig, num_samples: Any, sampling: Sampling) -> tuple[DeMemConfig, Any]:
+    """The config and num_samples of a block with this sampling: a PoissonBatchSampler gives N and D = q·N."""
+    if sampling.kind != "poisson":
+        return config, num_samples
+    if sampling.num_samples is not None:
+        if num_samples is not None and num_samples != sampling.num_samples:
+            raise ValueError(f"num_samples={num_samples!r} but the PoissonBatchSampler draws from "
+                             f"{sampling.num_samples} samples")
+        num_samples = sampling.num_samples
+        if config.expected_batch_size is None:
+            config = config.replace(expected_batch_size=sampling.sample_rate * sampling.num_samples)
+    elif config.expected_batch_size is None:
+        raise ValueError("sampling='poisson' needs expected_batch_size = q·N, the D that DP-SGD divides by "
+                         "(or pass the PoissonBatchSampler as sampling, which gives it)")
+    return config, num_samples
 
 
 def block_options(config: DeMemConfig, num_samples: Any, seed: Any, secure_noise: Any, nonfinite: Any,
@@ -57,14 +120,14 @@ def block_options(config: DeMemConfig, num_samples: Any, seed: Any, secure_noise
 
 
 def losses_for_backward(losses: Any) -> torch.Tensor:
-    """per_sample_losses of `dm.backward`: a non-empty 1-D floating tensor that requires grad."""
+    """per_sample_losses of `dm.backward`: a 1-D floating tensor that requires grad (or an empty batch)."""
     if not isinstance(losses, torch.Tensor):
         raise TypeError(f"per_sample_losses must be a torch.Tensor, got {type(losses).__name__}")
-    if losses.dim() != 1 or losses.numel() == 0:
-        raise ValueError(f"per_sample_losses must be a non-empty 1-D tensor [B], got shape {tuple(losses.shape)}")
+    if losses.dim() != 1:
+        raise ValueError(f"per_sample_losses must be a 1-D tensor [B], got shape {tuple(losses.shape)}")
     if not losses.is_floating_point():
         raise ValueError(f"per_sample_losses must be a floating tensor, got {losses.dtype}")
-    if not losses.requires_grad:
+    if losses.numel() > 0 and not losses.requires_grad:
         raise ValueError("per_sample_losses does not require grad: compute it from the model "
                          "outside torch.no_grad() and without .detach()")
     return losses
@@ -94,7 +157,7 @@ def no_batchnorm_in_train_mode(module: nn.Module) -> None:
 
 
 def batch_size_of(batch: Sequence[Any], device: torch.device) -> int:
-    """B of the batch tensors given to backward_per_sample (each on the model's device, B rows)."""
+    """B of the batch tensors given to backward_per_sample (each on the model's device, B rows; B may be 0)."""
     if not batch:
         raise ValueError("backward_per_sample needs at least one batch tensor after loss_fn")
     for i, x in enumerate(batch):
@@ -105,8 +168,6 @@ def batch_size_of(batch: Sequence[Any], device: torch.device) -> int:
         if x.device != device:
             raise ValueError(f"batch[{i}] is on {x.device} but the model's parameters are on {device}")
     batch_size = batch[0].shape[0]
-    if batch_size == 0:
-        raise ValueError("batch is empty (B = 0)")
     for i, x in enumerate(batch):
         if x.shape[0] != batch_size:
             raise ValueError(f"batch[{i}] has {x.shape[0]} samples but batch[0] has {batch_size}")
@@ -127,6 +188,8 @@ def dataset_indices(indices: Any, batch_size: int, config: DeMemConfig,
     if indices.shape != (batch_size,):
         raise ValueError(f"indices must have shape ({batch_size},), got {tuple(indices.shape)}")
     idx = indices.detach().to("cpu", torch.int64)
+    if idx.numel() == 0:
+        return idx
     if int(idx.min()) < 0 or (num_samples is not None and int(idx.max()) >= num_samples):
         raise ValueError(f"indices must be in [0, num_samples={num_samples}), got values in "
                          f"[{int(idx.min())}, {int(idx.max())}]")

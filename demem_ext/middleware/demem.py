@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -31,13 +31,14 @@ from demem_ext.grad_sample.opacus_hooks import OpacusEngine
 from demem_ext.middleware import checks, collectives
 from demem_ext.middleware.accumulation import BatchSum, BatchSummer, PendingSum, default_chunk_rows
 from demem_ext.middleware.noise import NoiseSource
-from demem_ext.middleware.nonfinite import NonFinitePolicy
+from demem_ext.middleware.nonfinite import NonFinitePolicy, grads_finite
 from demem_ext.middleware.process_group import ProcessGroup, SingleProcess, current_group
 from demem_ext.middleware.stats import DeMemStats, StatsRecorder
 from demem_ext.middleware.step_patch import StepPatch
 from demem_ext.middleware.trace import LossTrace
-from demem_ext.ops import demem_weights
+from demem_ext.ops import NonFiniteError, demem_weights
 from demem_ext.ops.autograd import weighted_mean
+from demem_ext.sampling import PoissonBatchSampler, Sampling
 
 
 class DeMem:
@@ -45,6 +46,10 @@ class DeMem:
 
     config: a DeMemConfig (default DeMemConfig()); **overrides: DeMemConfig fields to change.
     num_samples: dataset size (needed by proxy="trace" and by `privacy_spent`).
+    sampling: how the batches are drawn — "shuffle" (fixed-size shuffled batches, an ordinary DataLoader:
+    `privacy_spent` reports no ε), "poisson" (each sample in each batch with probability
+    q = expected_batch_size / num_samples; both must be set), or the `PoissonBatchSampler` itself (q, N
+    and D = q·N come from it). An empty batch passed to `backward_per_sample` is a noise-only step.
     seed: noise seed (None: drawn from torch's global generator); secure_noise: a fresh seed from
     os.urandom for every noisy step. nonfinite: "error" (raise) or "skip" (drop non-finite samples
     and count them in `stats`). chunk_size: per-sample gradient rows computed at once (None: a
@@ -78,10 +83,12 @@ class DeMem:
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, config: Optional[DeMemConfig] = None,
-                 num_samples: Optional[int] = None, *, seed: Optional[int] = None, secure_noise: bool = False,
-                 nonfinite: str = "error", chunk_size: Optional[int] = None, engine: str = "torch.func",
-                 **overrides: Any) -> None:
+                 num_samples: Optional[int] = None, *, sampling: Union[str, PoissonBatchSampler] = "shuffle",
+                 seed: Optional[int] = None, secure_noise: bool = False, nonfinite: str = "error",
+                 chunk_size: Optional[int] = None, engine: str = "torch.func", **overrides: Any) -> None:
         config = checks.block_config(model, optimizer, config, overrides)
+        self.sampling = Sampling.of(sampling)
+        config, num_samples = checks.sampling_options(config, num_samples, self.sampling)
         checks.block_options(config, num_samples, seed, secure_noise, nonfinite, chunk_size, engine)
         self.model = model
         self._module = collectives.unwrap(model)  # per-sample gradients never go through DDP's forward
@@ -111,7 +118,8 @@ class DeMem:
             raise RuntimeError("this DeMem is already active: DeMem blocks cannot be nested or re-entered")
         self._patch.check_free()
         self._group = current_group()
-        options = {"nonfinite": self.nonfinite, "secure_noise": self.secure_noise, "num_samples": self.num_samples}
+        options = {"nonfinite": self.nonfinite, "secure_noise": self.secure_noise, "num_samples": self.num_samples,
+                   "sampling": self.sampling.kind}
         self._noise.seed = self._group.join(self.model, self.config, options, self._noise.seed, self.secure_noise)
         if self.engine == "opacus":
             if self._group.collective:
@@ -142,10 +150,14 @@ class DeMem:
     def backward(self, per_sample_losses: torch.Tensor, indices: Optional[torch.Tensor] = None) -> None:
         """Backward of (1/D)·Σ_i w_i·ℓ_i for per-sample losses [B] (D = expected_batch_size or B).
 
-        An ordinary `loss.backward()`: gradients accumulate into `.grad` as usual. Without clipping
-        and noise only, except with engine="opacus", where a config that clips or adds noise takes
-        the per-sample path (as `backward_per_sample`) with Opacus's per-sample gradients of these
-        losses. `indices` ([B] dataset indices) are required with proxy="trace".
+        An ordinary `loss.backward()`: gradients accumulate into `.grad` as usual. Several calls before
+        one step (gradient accumulation) need expected_batch_size, the samples per step, so that the
+        step's gradient is (1/D)·Σ over all of them, as on the per-sample path. A non-finite gradient
+        raises NonFiniteError with nonfinite="error" (`.grad` and the loss trace unchanged), or drops the
+        call's samples with "skip". Without clipping and noise only, except with engine="opacus", where
+        a config that clips or adds noise takes the per-sample path (as `backward_per_sample`) with
+        Opacus's per-sample gradients of these losses. `indices` ([B] dataset indices) are required
+        with proxy="trace". An empty batch changes nothing.
         """
         self._check_active("backward")
         per_sample = self.config.needs_per_sample_grads
@@ -158,6 +170,9 @@ class DeMem:
         idx = checks.dataset_indices(indices, losses.shape[0], self.config, self.num_samples)
         if per_sample:
             params = [p for _, p in checks.trainable(self._module, self._pending.params)]
+            if losses.numel() == 0:
+                self._add_empty(params)
+                return
             grads = self._opacus.per_sample_grads(losses, params, flat_dtype(params), self._flat)
             summer = self._summer()
             self._add(summer.one_chunk(lambda _: (grads, losses.detach()), (), idx), params, idx, losses.shape[0])
@@ -168,6 +183,11 @@ class DeMem:
         """The weighting path: backward of (1/D)·Σ w_i·ℓ_i over the kept samples (τ and D of the global
         batch, and the loss scaled by the world size so that DDP's average is that, under torch.distributed)."""
         cfg, group = self.config, self._group
+        if self._pending.path == "weighting" and cfg.expected_batch_size is None:
+            raise ValueError("a second dm.backward before optimizer.step() (gradient accumulation) needs "
+                             "expected_batch_size, the number of samples per step: each call divides by D, "
+                             "and with D = its own B the step would get the sum of the calls' means "
+                             "(docs/design.md, 'Gradient accumulation')")
         detached = losses.detach()
         problem = "per_sample_losses has non-finite values"
         keep = group.finite(self._policy, torch.isfinite(detached), problem)
@@ -179,11 +199,10 @@ class DeMem:
         if kept.numel() > 0:
             weights, risk = demem_weights(scores, rule)
             loss = weighted_mean(kept, weights, float(cfg.expected_batch_size or total)) * group.world
-            with OpacusEngine.quiet() if self._opacus is not None else contextlib.nullcontext():
-                loss.backward()
-            if self._opacus is not None:
-                for p in self._module.parameters():  # the hooks ran; the weighting path does not use them
-                    p.grad_sample = None
+            if not self._backward_finite(loss):  # nonfinite="skip": the call's samples are dropped
+                keep = torch.zeros_like(keep)
+                kept, weights, risk = kept[:0], weights[:0], risk[:0]
+                idx = None if idx is None else idx[:0]
         elif total > 0:  # other ranks have samples: take part in DDP's all-reduce with zero gradients
             sum((p * 0).sum() for _, p in checks.trainable(self._module, None)).backward()
         if kept.numel() > 0 or group.collective:
@@ -191,13 +210,35 @@ class DeMem:
         self._pending.path = "weighting"
         self._recorder.record(weights, risk, None, int((~keep).sum()), self._steps)
 
+    def _backward_finite(self, loss: torch.Tensor) -> bool:
+        """loss.backward(), then the check of the gradient: non-finite entries restore `.grad` as it was and
+        raise NonFiniteError (nonfinite="error") or return False ("skip"); the same on every rank under DDP."""
+        params = [p for _, p in checks.trainable(self._module, None)]
+        before = [None if p.grad is None else p.grad.clone() for p in params]
+        with OpacusEngine.quiet() if self._opacus is not None else contextlib.nullcontext():
+            loss.backward()
+        if self._opacus is not None:
+            for p in self._module.parameters():  # the hooks ran; the weighting path does not use them
+                p.grad_sample = None
+        if grads_finite(params):
+            return True
+        for p, grad in zip(params, before):
+            p.grad = grad
+        if self._policy.mode == "error":
+            raise NonFiniteError("dm.backward: the gradient of the weighted loss has non-finite values although "
+                                 "the losses are finite; .grad and the loss trace are unchanged "
+                                 "(nonfinite='skip' drops such a batch)")
+        return False
+
     def backward_per_sample(self, loss_fn: Callable[..., torch.Tensor], *batch: torch.Tensor,
                             indices: Optional[torch.Tensor] = None) -> None:
         """Accumulate Σ_i w_i·c_i·g_i over the batch for the next optimizer step (clipping/noise path).
 
         loss_fn(model, *batch) -> per-sample losses [B]; each batch tensor has B rows.
         `.grad` is left alone until the step, which adds noise, divides by D and replaces `.grad`.
-        With nonfinite="skip", samples with non-finite losses are dropped before the threshold; so
+        An empty batch (B = 0, e.g. from PoissonBatchSampler) makes the step a noise-only step.
+        Inside `optimizer.step(closure)` (LBFGS) each closure evaluation's sum becomes `.grad` when
+        the closure returns. With nonfinite="skip", samples with non-finite losses are dropped before the threshold; so
         are samples with non-finite gradients when the batch fits in one chunk of one process (with
         several chunks or under torch.distributed the batch threshold is fixed first, and such samples
         are only dropped from the sum).
@@ -211,6 +252,9 @@ class DeMem:
         batch_size = checks.batch_size_of(batch, params[0].device)
         idx = checks.dataset_indices(indices, batch_size, self.config, self.num_samples)
         checks.no_batchnorm_in_train_mode(self._module)
+        if batch_size == 0:
+            self._add_empty(params)
+            return
 
         loss_module = LossModule(self._module, loss_fn)
         detached = {f"model.{name}": p.detach() for name, p in named}
@@ -236,7 +280,7 @@ class DeMem:
     def privacy_spent(self, delta: float, accountant: str = "rdp") -> tuple[Optional[float], str]:
         """(ε, how it was computed) when the updates are a valid Gaussian mechanism, else (None, why)."""
         return accounting.privacy_spent(self.config, self._noisy_batch_sizes, self.num_samples, delta, accountant,
-                                        self.secure_noise)
+                                        self.secure_noise, self.sampling)
 
     def state_dict(self) -> dict[str, Any]:
         """Loss trace, noise seed/offset, step counter and accounting history (tensors and ints)."""
@@ -261,24 +305,56 @@ class DeMem:
 
     # ------------------------------------------------------------------ internals
     def _step(self, closure: Optional[Callable[[], Any]]) -> Any:
-        """The patched optimizer.step: the pending per-sample sum becomes `.grad`, then the real step."""
+        """The patched optimizer.step: the pending per-sample sum becomes `.grad`, then the real step
+        (with a closure: after each evaluation of it)."""
         real_step = self._patch.real_step
         if not self._active or real_step is None:
             raise RuntimeError("this optimizer.step was patched by a DeMem block that has exited")
-        pending = self._pending
-        if pending.total is not None or (self._group.collective and pending.path == "per_sample"):
-            try:
-                noisy_count = pending.write_grads(self.config, self._noise, self._group, self._policy)
-            except BaseException:
-                self._reset_pending()
-                raise
-            if noisy_count is not None:
-                self._noisy_batch_sizes.append(noisy_count)
+        wrote = self._apply_pending()
         self._reset_pending()
-        out = real_step() if closure is None else real_step(closure)
+        if closure is None:
+            out = real_step()
+        else:
+            evaluations: list[bool] = []
+
+            def evaluate() -> Any:
+                self._reset_pending()  # each evaluation is a fresh gradient (LBFGS re-evaluates)
+                value = closure()
+                evaluations.append(self._apply_pending())
+                self._reset_pending()
+                return value
+
+            out = real_step(evaluate)
+            wrote = wrote or any(evaluations)
+        if not wrote and self.config.noise_multiplier > 0:
+            warnings.warn("optimizer.step() without a dm.backward_per_sample call since the last step: no noise "
+                          "was added and the step is not counted by privacy_spent; pass empty batches to "
+                          "backward_per_sample (a noise-only step) instead of skipping them",
+                          RuntimeWarning, stacklevel=3)
         self._steps += 1
         self._recorder.close_step(self._steps)
         return out
+
+    def _apply_pending(self) -> bool:
+        """Write the pending per-sample sum into `.grad` (noise, division by D); whether it was a per-sample step."""
+        if self._pending.path != "per_sample":
+            return False
+        try:
+            noisy_count = self._pending.write_grads(self.config, self._noise, self._group, self._policy)
+        except BaseException:
+            self._reset_pending()
+            raise
+        if noisy_count is not None:
+            self._noisy_batch_sizes.append(noisy_count)
+        return True
+
+    def _add_empty(self, params: list[nn.Parameter]) -> None:
+        """A backward call on an empty batch: nothing to sum, but the step is still taken (with its noise)."""
+        if self._group.collective:
+            raise ValueError("an empty batch under torch.distributed is not supported: every rank needs samples")
+        self._pending.add_empty(params)
+        empty = params[0].new_zeros(0, dtype=torch.float32)
+        self._recorder.record(empty, empty, empty, 0, self._steps)
 
     def _summer(self) -> BatchSummer:
         return BatchSummer(self.config, self._trace, self._policy, self._group)

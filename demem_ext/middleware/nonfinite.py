@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -35,3 +35,9 @@ class NonFinitePolicy:
 
     def reset(self) -> None:
         self.deferred = None
+
+
+def grads_finite(params: Sequence[torch.Tensor]) -> bool:
+    """Whether every `.grad` of `params` is finite (one reduction per tensor, one host sync)."""
+    peaks = [p.grad.detach().abs().amax() for p in params if p.grad is not None and p.grad.numel() > 0]
+    return not peaks or bool(torch.isfinite(torch.stack(peaks)).all())

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+import math
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
@@ -109,11 +110,38 @@ def fused_step(per_sample_grads: torch.Tensor, scores: torch.Tensor, config: DeM
                              f"got {tuple(weights.shape)} on {weights.device}")
         weights = weights.detach()
     _check_seed_offset(seed, offset)
+    g = g.detach().contiguous()
     denom = float(config.expected_batch_size or g.shape[0])
-    result = FusedResult(*torch.ops.demem.fused_step(
-        g.detach().contiguous(), scores.detach(), weights, *_rule(config), config.max_grad_norm,
-        config.noise_multiplier, config.clip_scope, denom, to_signed64(seed), offset))
-    if not bool(torch.isfinite(result.norms).all()):
-        bad = torch.nonzero(~torch.isfinite(result.norms)).flatten()[:8].tolist()
+
+    def run(grads: torch.Tensor, scale: float) -> FusedResult:
+        """The op on grads = scale·g, with C (or σ without clipping) scaled alike: the same update, ×scale."""
+        clip = None if config.max_grad_norm is None else config.max_grad_norm * scale
+        sigma = config.noise_multiplier * (scale if clip is None else 1.0)
+        return FusedResult(*torch.ops.demem.fused_step(
+            grads, scores.detach(), weights, *_rule(config), clip, sigma, config.clip_scope, denom,
+            to_signed64(seed), offset))
+
+    result = run(g, 1.0)
+    if bool(torch.isfinite(result.norms).all()) and bool(torch.isfinite(result.grad).all()):
+        return result
+    finite_rows = torch.isfinite(g).all(dim=1)
+    if not bool(finite_rows.all()):
+        bad = torch.nonzero(~finite_rows).flatten()[:8].tolist()
         raise NonFiniteError(f"per_sample_grads has non-finite values in rows {bad}")
+    return _rescaled(g, run)
+
+
+def _rescaled(g: torch.Tensor, run: Callable[[torch.Tensor, float], FusedResult]) -> FusedResult:
+    """The update of finite gradients whose squared norms or sum overflow: computed on g·2^-e (max|g·2^-e| < 1,
+    exact), then scaled back; a result outside the dtype's range is an error, never a silent inf."""
+    exponent = math.frexp(float(g.abs().max()))[1]
+    scale = math.ldexp(1.0, -exponent)
+    small = run(g * scale, scale)
+    result = small._replace(grad=small.grad / scale, norms=small.norms / scale)
+    for name in ("grad", "norms"):
+        value = getattr(result, name)
+        if not bool(torch.isfinite(value).all()):
+            what = "the update" if name == "grad" else "a per-sample gradient norm"
+            raise ValueError(f"per_sample_grads: {what} exceeds the range of {value.dtype} (largest entry "
+                             f"{float(g.abs().max()):.3g}); scale the loss down or use float64 gradients")
     return result

@@ -16,7 +16,7 @@ BAD_VALUES = [
     ("quantile", 0.0), ("quantile", 1.0), ("quantile", 1.5), ("tau", math.nan),
     ("temperature", 0.0), ("temperature", -1.0), ("max_grad_norm", 0.0), ("max_grad_norm", -1.0),
     ("max_grad_norm", math.inf), ("noise_multiplier", -1.0), ("noise_multiplier", math.nan),
-    ("clip_scope", "some"), ("expected_batch_size", 0), ("expected_batch_size", 2.5),
+    ("clip_scope", "some"), ("expected_batch_size", 0), ("expected_batch_size", -2.5), ("lam", 1e39),
     ("expected_batch_size", True),
 ]
 
