@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "demem_ext"
-LAYERS = {"config": 1, "accounting": 1, "ops": 2, "grad_sample": 3, "middleware": 4}
+LAYERS = {"config": 1, "accounting": 1, "sampling": 1, "ops": 2, "grad_sample": 3, "middleware": 4}
 APPLICATION = 5
 COMPAT = {"_compat", "_C"}  # the deprecated aliases of old paths, and the compiled extension
 

@@ -124,6 +124,7 @@ class PendingSum:
         self.total: Optional[torch.Tensor] = None
         self.count = 0
         self.params: Optional[list[nn.Parameter]] = None
+        self.check_grads_at_step = False  # dm.weighted_loss: the caller ran backward, checked at the step
 
     def check_path(self, path: str) -> None:
         if self.path is not None and self.path != path:

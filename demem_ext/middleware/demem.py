@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -39,6 +39,22 @@ from demem_ext.middleware.trace import LossTrace
 from demem_ext.ops import NonFiniteError, demem_weights
 from demem_ext.ops.autograd import weighted_mean
 from demem_ext.sampling import PoissonBatchSampler, Sampling
+
+
+class _Weighed(NamedTuple):
+    """One weighting-path call: its loss (None: nothing to differentiate) and the samples behind it."""
+
+    loss: Optional[torch.Tensor]
+    keep: torch.Tensor  # bool [B]
+    kept: torch.Tensor  # detached losses of the kept samples
+    idx: Optional[torch.Tensor]
+    weights: torch.Tensor
+    risk: torch.Tensor
+
+    def dropped(self) -> "_Weighed":
+        """The call with all its samples dropped (a non-finite gradient under nonfinite="skip")."""
+        return _Weighed(None, torch.zeros_like(self.keep), self.kept[:0], None if self.idx is None else self.idx[:0],
+                        self.weights[:0], self.risk[:0])
 
 
 class DeMem:
@@ -179,12 +195,38 @@ class DeMem:
         else:
             self._weighted_backward(losses, idx)
 
+    def weighted_loss(self, per_sample_losses: torch.Tensor, indices: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The weighting path's scalar loss (1/D)·Σ_i w_i·ℓ_i, for a loop that calls backward itself
+        (Lightning's automatic optimization, `accelerator.backward`, AMP's `scaler.scale(loss).backward()`).
+
+        Records the stats and updates the loss trace like `backward`; its gradient is checked for
+        non-finite values at the optimizer step (NonFiniteError before the update, with nonfinite="error").
+        """
+        self._check_active("weighted_loss")
+        if self.config.needs_per_sample_grads:
+            raise ValueError("this config clips (max_grad_norm) or adds noise (noise_multiplier), which needs "
+                             "per-sample gradients: use dm.backward_per_sample(loss_fn, *batch)")
+        self._pending.check_path("weighting")
+        losses = checks.losses_for_backward(per_sample_losses)
+        idx = checks.dataset_indices(indices, losses.shape[0], self.config, self.num_samples)
+        weighed = self._weigh(losses, idx)
+        self._commit_weighting(weighed)
+        self._pending.check_grads_at_step = True
+        return weighed.loss if weighed.loss is not None else losses.sum() * 0.0
+
     def _weighted_backward(self, losses: torch.Tensor, idx: Optional[torch.Tensor]) -> None:
-        """The weighting path: backward of (1/D)·Σ w_i·ℓ_i over the kept samples (τ and D of the global
-        batch, and the loss scaled by the world size so that DDP's average is that, under torch.distributed)."""
+        """The weighting path: backward of (1/D)·Σ w_i·ℓ_i over the kept samples, then the gradient check."""
+        weighed = self._weigh(losses, idx)
+        if weighed.loss is not None and not self._backward_finite(weighed.loss):
+            weighed = weighed.dropped()  # nonfinite="skip": the call's samples are dropped
+        self._commit_weighting(weighed)
+
+    def _weigh(self, losses: torch.Tensor, idx: Optional[torch.Tensor]) -> "_Weighed":
+        """τ, the weights and the loss (1/D)·Σ w_i·ℓ_i of the kept samples (τ and D of the global batch, and the
+        loss scaled by the world size so that DDP's average is that, under torch.distributed)."""
         cfg, group = self.config, self._group
         if self._pending.path == "weighting" and cfg.expected_batch_size is None:
-            raise ValueError("a second dm.backward before optimizer.step() (gradient accumulation) needs "
+            raise ValueError("a second weighting-path call before optimizer.step() (gradient accumulation) needs "
                              "expected_batch_size, the number of samples per step: each call divides by D, "
                              "and with D = its own B the step would get the sum of the calls' means "
                              "(docs/design.md, 'Gradient accumulation')")
@@ -196,19 +238,19 @@ class DeMem:
         scores = self._trace.scores(kept.detach(), idx)
         rule, total = group.rule_for(cfg, scores, keep, problem, self._policy, fix_tau=False)
         weights = risk = detached.new_zeros(0)
+        loss = None
         if kept.numel() > 0:
             weights, risk = demem_weights(scores, rule)
             loss = weighted_mean(kept, weights, float(cfg.expected_batch_size or total)) * group.world
-            if not self._backward_finite(loss):  # nonfinite="skip": the call's samples are dropped
-                keep = torch.zeros_like(keep)
-                kept, weights, risk = kept[:0], weights[:0], risk[:0]
-                idx = None if idx is None else idx[:0]
         elif total > 0:  # other ranks have samples: take part in DDP's all-reduce with zero gradients
-            sum((p * 0).sum() for _, p in checks.trainable(self._module, None)).backward()
-        if kept.numel() > 0 or group.collective:
-            self._trace.commit(kept.detach(), idx, group)
+            loss = sum((p * 0).sum() for _, p in checks.trainable(self._module, None))
+        return _Weighed(loss, keep, kept.detach(), idx, weights, risk)
+
+    def _commit_weighting(self, weighed: "_Weighed") -> None:
+        if weighed.kept.numel() > 0 or self._group.collective:
+            self._trace.commit(weighed.kept, weighed.idx, self._group)
         self._pending.path = "weighting"
-        self._recorder.record(weights, risk, None, int((~keep).sum()), self._steps)
+        self._recorder.record(weighed.weights, weighed.risk, None, int((~weighed.keep).sum()), self._steps)
 
     def _backward_finite(self, loss: torch.Tensor) -> bool:
         """loss.backward(), then the check of the gradient: non-finite entries restore `.grad` as it was and
@@ -336,7 +378,10 @@ class DeMem:
         return out
 
     def _apply_pending(self) -> bool:
-        """Write the pending per-sample sum into `.grad` (noise, division by D); whether it was a per-sample step."""
+        """Write the pending per-sample sum into `.grad` (noise, division by D); whether it was a per-sample step.
+        After `weighted_loss` calls: the check that their gradient is finite."""
+        if self._pending.check_grads_at_step:
+            self._check_weighted_grads()
         if self._pending.path != "per_sample":
             return False
         try:
@@ -347,6 +392,19 @@ class DeMem:
         if noisy_count is not None:
             self._noisy_batch_sizes.append(noisy_count)
         return True
+
+    def _check_weighted_grads(self) -> None:
+        """Non-finite `.grad` after weighted_loss: NonFiniteError before the update ("error"), or the
+        step's gradient dropped ("skip")."""
+        params = [p for _, p in checks.trainable(self._module, None)]
+        if grads_finite(params):
+            return
+        if self._policy.mode == "error":
+            self._reset_pending()
+            raise NonFiniteError("the gradient of dm.weighted_loss has non-finite values although the losses are "
+                                 "finite; the optimizer step was not taken (nonfinite='skip' drops such a step)")
+        for p in params:
+            p.grad = None
 
     def _add_empty(self, params: list[nn.Parameter]) -> None:
         """A backward call on an empty batch: nothing to sum, but the step is still taken (with its noise)."""
