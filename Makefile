@@ -25,7 +25,7 @@ $(VENV)/.deps: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q -c constraints.txt setuptools wheel ninja torch torchvision
 	$(PIP) install -q -c constraints.txt numpy scikit-learn scipy tqdm matplotlib dp-accounting \
-		pytest hypothesis opacus torchattacks
+		pytest hypothesis opacus torchattacks lightning accelerate
 	touch $@
 
 # Builds demem_ext._C (C++ CPU kernels; CUDA kernels when torch is a CUDA build and nvcc exists).

@@ -52,6 +52,13 @@ def _add_train_args(p: argparse.ArgumentParser, run_flags: bool = True) -> None:
                    help="weighting (no per-sample grads) or per_sample (clipping/noise); auto picks")
     g.add_argument("--nonfinite", default=d.nonfinite, choices=["error", "skip"])
     g.add_argument("--chunk-size", type=int, default=None, help="per-sample gradient rows at once")
+    g.add_argument("--sampling", default=d.sampling, choices=["auto", "poisson", "shuffle"],
+                   help="how batches are drawn: Poisson (each sample with probability batch_size/N; the only "
+                        "sampling ε is reported for) or shuffled fixed-size; auto: Poisson when DeMem adds noise")
+    g.add_argument("--target-epsilon", type=float, default=None,
+                   help="calibrate the noise multiplier to this ε at --delta (needs --max-grad-norm, "
+                        "Poisson sampling and --lam 0 or --threshold fixed)")
+    g.add_argument("--delta", type=float, default=d.delta, help="δ of the reported ε (default 1e-5)")
     for f in dataclasses.fields(DeMemConfig):
         flag = "--" + f.name.replace("_", "-")
         kind = _DEMEM_TYPES.get(f.name, type(f.default) if f.default is not None else float)
@@ -79,7 +86,8 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
         epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, split_seed=args.split_seed,
         device=args.device,
         use_demem=not args.no_demem, path=args.path, nonfinite=args.nonfinite,
-        chunk_size=args.chunk_size, demem=demem)
+        chunk_size=args.chunk_size, demem=demem, sampling=args.sampling, target_epsilon=args.target_epsilon,
+        delta=args.delta)
 
 
 def _print_table(title: str, result: dict[str, Any]) -> None:
@@ -93,6 +101,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from demem_ext.middleware import collectives as distributed
     from demem_ext.adversarial.robustness import evaluate
     from demem_ext.training import CHECKPOINT_NAME, torch_distributed_group, train
+    from demem_ext.training.loop import privacy_report
 
     cfg = train_config_from_args(args)
     with torch_distributed_group(cfg.device) as main:  # under torchrun: one process per rank
@@ -109,6 +118,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = evaluate(state.model, state.test_set, state.config.eps, state.info.num_classes,
                       clamp=state.info.input_range, autoattack=args.final_autoattack,
                       device=state.device, seed=state.config.seed)
+    result.update(privacy_report(state))
     result["train_seconds"] = round(seconds, 1)
     result["checkpoint"] = str(out / CHECKPOINT_NAME)
     (out / "eval.json").write_text(json.dumps(result, indent=2))

@@ -28,7 +28,9 @@ def _epsilon(stats: Mapping[str, Any]) -> dict[str, Any]:
     if not cfg.use_demem:
         return {"epsilon": None, "reason": "ε is not guaranteed: no DeMem/DP"}
     sizes = [int(b) for b in stats["demem"][0]["noisy_batch_sizes"]]
-    eps, reason = accounting.privacy_spent(cfg.demem_config(), sizes, int(stats["num_train"][0]), DELTA)
+    num_train = int(stats["num_train"][0])
+    eps, reason = accounting.privacy_spent(cfg.demem_config(), sizes, num_train, DELTA,
+                                           sampling=cfg.sampling_of(num_train))
     return {"epsilon": eps, "reason": reason} if eps is None else {"epsilon": eps, "delta": DELTA, "reason": reason}
 
 

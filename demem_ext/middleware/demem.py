@@ -9,17 +9,16 @@ Two paths lead to the wrapped `optimizer.step()`:
   accumulated until the step, which adds the noise once, divides by D and writes the result into the
   parameters' `.grad` before calling the optimizer's own step.
 
-This class is a facade: the parts are the loss trace (`trace`), the noise (`noise`), the per-sample
-sums (`accumulation`), the non-finite policy (`nonfinite`), the statistics (`stats`), the argument checks
-(`checks`), the step patch (`step_patch`) and the process group (`process_group`: one process, or
-torch.distributed).
+This class is a facade: the parts are the weighting path (`weighting`), the loss trace (`trace`), the
+noise (`noise`), the per-sample sums (`accumulation`), the non-finite policy (`nonfinite`), the statistics
+(`stats`), the argument checks (`checks`), the step patch (`step_patch`) and the process group
+(`process_group`: one process, or torch.distributed).
 """
 
 from __future__ import annotations
 
-import contextlib
 import warnings
-from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -31,30 +30,14 @@ from demem_ext.grad_sample.opacus_hooks import OpacusEngine
 from demem_ext.middleware import checks, collectives
 from demem_ext.middleware.accumulation import BatchSum, BatchSummer, PendingSum, default_chunk_rows
 from demem_ext.middleware.noise import NoiseSource
-from demem_ext.middleware.nonfinite import NonFinitePolicy, grads_finite
+from demem_ext.middleware.nonfinite import NonFinitePolicy
 from demem_ext.middleware.process_group import ProcessGroup, SingleProcess, current_group
 from demem_ext.middleware.stats import DeMemStats, StatsRecorder
 from demem_ext.middleware.step_patch import StepPatch
 from demem_ext.middleware.trace import LossTrace
-from demem_ext.ops import NonFiniteError, demem_weights
-from demem_ext.ops.autograd import weighted_mean
+from demem_ext.middleware.weighting import WeightingPath
+from demem_ext.ops import NonFiniteError
 from demem_ext.sampling import PoissonBatchSampler, Sampling
-
-
-class _Weighed(NamedTuple):
-    """One weighting-path call: its loss (None: nothing to differentiate) and the samples behind it."""
-
-    loss: Optional[torch.Tensor]
-    keep: torch.Tensor  # bool [B]
-    kept: torch.Tensor  # detached losses of the kept samples
-    idx: Optional[torch.Tensor]
-    weights: torch.Tensor
-    risk: torch.Tensor
-
-    def dropped(self) -> "_Weighed":
-        """The call with all its samples dropped (a non-finite gradient under nonfinite="skip")."""
-        return _Weighed(None, torch.zeros_like(self.keep), self.kept[:0], None if self.idx is None else self.idx[:0],
-                        self.weights[:0], self.risk[:0])
 
 
 class DeMem:
@@ -124,6 +107,8 @@ class DeMem:
         self._recorder = StatsRecorder(config)
         self._patch = StepPatch(optimizer)
         self._flat = FlatBuffer()  # flattened per-sample gradients, reused (released on exit)
+        self._weighting = WeightingPath(config, self._module, self._trace, self._policy, self._pending,
+                                        self._recorder)
         self._steps = 0
         self._noisy_batch_sizes: list[int] = []
         self._active = False
@@ -141,6 +126,7 @@ class DeMem:
             if self._group.collective:
                 raise ValueError("engine='opacus' is not supported under torch.distributed: use engine='torch.func'")
             self._opacus = OpacusEngine(self._module)
+        self._weighting.opacus = self._opacus
         self._patch.install(self._step)
         self._active = True
         return self
@@ -150,6 +136,7 @@ class DeMem:
         if self._opacus is not None:
             self._opacus.close()
             self._opacus = None
+            self._weighting.opacus = None
         self._flat.release()
         self._active = False
         if self._pending.total is not None and exc_type is None:
@@ -158,6 +145,11 @@ class DeMem:
         self._reset_pending()
 
     # ------------------------------------------------------------------ public API
+    @property
+    def active(self) -> bool:
+        """Whether the block is entered (between __enter__ and __exit__)."""
+        return self._active
+
     @property
     def stats(self) -> Optional[DeMemStats]:
         """Statistics of the backward calls since the last step (or of the last step); None before any."""
@@ -193,7 +185,7 @@ class DeMem:
             summer = self._summer()
             self._add(summer.one_chunk(lambda _: (grads, losses.detach()), (), idx), params, idx, losses.shape[0])
         else:
-            self._weighted_backward(losses, idx)
+            self._weighting.backward(losses, idx, self._group, self._steps)
 
     def weighted_loss(self, per_sample_losses: torch.Tensor, indices: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The weighting path's scalar loss (1/D)·Σ_i w_i·ℓ_i, for a loop that calls backward itself
@@ -209,68 +201,7 @@ class DeMem:
         self._pending.check_path("weighting")
         losses = checks.losses_for_backward(per_sample_losses)
         idx = checks.dataset_indices(indices, losses.shape[0], self.config, self.num_samples)
-        weighed = self._weigh(losses, idx)
-        self._commit_weighting(weighed)
-        self._pending.check_grads_at_step = True
-        return weighed.loss if weighed.loss is not None else losses.sum() * 0.0
-
-    def _weighted_backward(self, losses: torch.Tensor, idx: Optional[torch.Tensor]) -> None:
-        """The weighting path: backward of (1/D)·Σ w_i·ℓ_i over the kept samples, then the gradient check."""
-        weighed = self._weigh(losses, idx)
-        if weighed.loss is not None and not self._backward_finite(weighed.loss):
-            weighed = weighed.dropped()  # nonfinite="skip": the call's samples are dropped
-        self._commit_weighting(weighed)
-
-    def _weigh(self, losses: torch.Tensor, idx: Optional[torch.Tensor]) -> "_Weighed":
-        """τ, the weights and the loss (1/D)·Σ w_i·ℓ_i of the kept samples (τ and D of the global batch, and the
-        loss scaled by the world size so that DDP's average is that, under torch.distributed)."""
-        cfg, group = self.config, self._group
-        if self._pending.path == "weighting" and cfg.expected_batch_size is None:
-            raise ValueError("a second weighting-path call before optimizer.step() (gradient accumulation) needs "
-                             "expected_batch_size, the number of samples per step: each call divides by D, "
-                             "and with D = its own B the step would get the sum of the calls' means "
-                             "(docs/design.md, 'Gradient accumulation')")
-        detached = losses.detach()
-        problem = "per_sample_losses has non-finite values"
-        keep = group.finite(self._policy, torch.isfinite(detached), problem)
-        idx = None if idx is None else idx[keep.cpu()]
-        kept = losses if bool(keep.all()) else losses[keep]
-        scores = self._trace.scores(kept.detach(), idx)
-        rule, total = group.rule_for(cfg, scores, keep, problem, self._policy, fix_tau=False)
-        weights = risk = detached.new_zeros(0)
-        loss = None
-        if kept.numel() > 0:
-            weights, risk = demem_weights(scores, rule)
-            loss = weighted_mean(kept, weights, float(cfg.expected_batch_size or total)) * group.world
-        elif total > 0:  # other ranks have samples: take part in DDP's all-reduce with zero gradients
-            loss = sum((p * 0).sum() for _, p in checks.trainable(self._module, None))
-        return _Weighed(loss, keep, kept.detach(), idx, weights, risk)
-
-    def _commit_weighting(self, weighed: "_Weighed") -> None:
-        if weighed.kept.numel() > 0 or self._group.collective:
-            self._trace.commit(weighed.kept, weighed.idx, self._group)
-        self._pending.path = "weighting"
-        self._recorder.record(weighed.weights, weighed.risk, None, int((~weighed.keep).sum()), self._steps)
-
-    def _backward_finite(self, loss: torch.Tensor) -> bool:
-        """loss.backward(), then the check of the gradient: non-finite entries restore `.grad` as it was and
-        raise NonFiniteError (nonfinite="error") or return False ("skip"); the same on every rank under DDP."""
-        params = [p for _, p in checks.trainable(self._module, None)]
-        before = [None if p.grad is None else p.grad.clone() for p in params]
-        with OpacusEngine.quiet() if self._opacus is not None else contextlib.nullcontext():
-            loss.backward()
-        if self._opacus is not None:
-            for p in self._module.parameters():  # the hooks ran; the weighting path does not use them
-                p.grad_sample = None
-        if grads_finite(params):
-            return True
-        for p, grad in zip(params, before):
-            p.grad = grad
-        if self._policy.mode == "error":
-            raise NonFiniteError("dm.backward: the gradient of the weighted loss has non-finite values although "
-                                 "the losses are finite; .grad and the loss trace are unchanged "
-                                 "(nonfinite='skip' drops such a batch)")
-        return False
+        return self._weighting.loss(losses, idx, self._group, self._steps)
 
     def backward_per_sample(self, loss_fn: Callable[..., torch.Tensor], *batch: torch.Tensor,
                             indices: Optional[torch.Tensor] = None) -> None:
@@ -381,7 +312,11 @@ class DeMem:
         """Write the pending per-sample sum into `.grad` (noise, division by D); whether it was a per-sample step.
         After `weighted_loss` calls: the check that their gradient is finite."""
         if self._pending.check_grads_at_step:
-            self._check_weighted_grads()
+            try:
+                self._weighting.check_grads()
+            except NonFiniteError:
+                self._reset_pending()
+                raise
         if self._pending.path != "per_sample":
             return False
         try:
@@ -392,19 +327,6 @@ class DeMem:
         if noisy_count is not None:
             self._noisy_batch_sizes.append(noisy_count)
         return True
-
-    def _check_weighted_grads(self) -> None:
-        """Non-finite `.grad` after weighted_loss: NonFiniteError before the update ("error"), or the
-        step's gradient dropped ("skip")."""
-        params = [p for _, p in checks.trainable(self._module, None)]
-        if grads_finite(params):
-            return
-        if self._policy.mode == "error":
-            self._reset_pending()
-            raise NonFiniteError("the gradient of dm.weighted_loss has non-finite values although the losses are "
-                                 "finite; the optimizer step was not taken (nonfinite='skip' drops such a step)")
-        for p in params:
-            p.grad = None
 
     def _add_empty(self, params: list[nn.Parameter]) -> None:
         """A backward call on an empty batch: nothing to sum, but the step is still taken (with its noise)."""

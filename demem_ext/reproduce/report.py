@@ -181,7 +181,7 @@ def write_results(summary: dict[str, Any], path: str | Path) -> Path:
     lines += ["", "## Choice of λ for the loss-trace configuration", "", f"Rule: {choice['rule']}.", "",
               f"Choice: {choice['reason']}.", ""]
     if choice["candidates"]:
-        lines += ["| λ | LiRA TPR@1% | mean PGD-20 | qualifies |", "|---:|---:|---:|---|"]
+        lines += ["| λ | primary TPR@1% | mean PGD-20 | qualifies |", "|---:|---:|---:|---|"]
         lines += [f"| {c['lam']:g} | {_pct(c['tpr_at_fpr_0.01'])} | {_pct(c['mean_test_pgd20_acc'])} | "
                   f"{'yes' if c['qualifies'] else 'no'} |" for c in choice["candidates"]]
         lines.append("")

@@ -6,11 +6,14 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from demem_ext import accounting
 from demem_ext.config import DeMemConfig
+from demem_ext.sampling import PoissonBatchSampler, Sampling
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("cosine", "step", "none")
 PATHS = ("auto", "weighting", "per_sample")
+SAMPLING_CHOICES = ("auto", "poisson", "shuffle")
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
 
@@ -45,6 +48,9 @@ class TrainConfig:
     nonfinite: str = "error"
     chunk_size: Optional[int] = None
     demem: dict = field(default_factory=dict)  # DeMemConfig fields that differ from the defaults
+    sampling: str = "auto"  # "auto": Poisson when DeMem adds noise, else shuffled fixed-size batches
+    target_epsilon: Optional[float] = None  # σ calibrated to this ε at `delta` (replaces noise_multiplier)
+    delta: float = 1e-5
 
     def __post_init__(self) -> None:
         for name, allowed in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("path", PATHS)):
@@ -56,7 +62,20 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
-        self.demem_config()  # validates the DeMem fields
+        if self.sampling not in SAMPLING_CHOICES:
+            raise ValueError(f"sampling must be one of {list(SAMPLING_CHOICES)}, got {self.sampling!r}")
+        accounting.check_delta(self.delta)
+        cfg = self.demem_config()  # validates the DeMem fields
+        if self.target_epsilon is not None:
+            if isinstance(self.target_epsilon, bool) or not isinstance(self.target_epsilon, (int, float)) or not (
+                    0 < self.target_epsilon < float("inf")):
+                raise ValueError(f"target_epsilon must be a finite number > 0, got {self.target_epsilon!r}")
+            valid, reason = accounting.dp_guarantee(cfg.replace(noise_multiplier=1.0))
+            if not self.use_demem or not valid:
+                raise ValueError(f"target_epsilon needs DeMem with a valid Gaussian mechanism: "
+                                 f"{'DeMem is off' if not self.use_demem else reason}")
+            if self.sampling_kind() != "poisson":
+                raise ValueError("target_epsilon needs sampling 'poisson': ε is only reported for Poisson sampling")
 
     def demem_config(self) -> DeMemConfig:
         """The DeMemConfig of this run."""
@@ -68,6 +87,34 @@ class TrainConfig:
             return self.path == "per_sample"
         return self.use_demem and self.demem_config().needs_per_sample_grads
 
+    def sampling_kind(self) -> str:
+        """"poisson" or "shuffle": "auto" is Poisson exactly when DeMem adds noise (or ε is targeted)."""
+        if self.sampling != "auto":
+            return self.sampling
+        noisy = self.use_demem and (self.demem_config().noise_multiplier > 0 or self.target_epsilon is not None)
+        return "poisson" if noisy else "shuffle"
+
+    def sampler(self, num_samples: int, generator: Optional[Any] = None) -> Optional[PoissonBatchSampler]:
+        """The epoch's PoissonBatchSampler (rate q = batch_size / N), or None for shuffled batches."""
+        if self.sampling_kind() != "poisson":
+            return None
+        return PoissonBatchSampler(num_samples, min(1.0, self.batch_size / num_samples), generator=generator)
+
+    def with_calibrated_noise(self, num_samples: int) -> "TrainConfig":
+        """With target_epsilon: this config with σ = dx.noise_multiplier_for(target_epsilon, delta, q, steps),
+        q = batch_size / N and steps = epochs · ⌈N / batch_size⌉ (Poisson batches of one pass each)."""
+        if self.target_epsilon is None:
+            return self
+        sampler = self.sampler(num_samples)
+        sigma = accounting.noise_multiplier_for(self.target_epsilon, self.delta, sampler.sample_rate,
+                                                self.epochs * len(sampler))
+        return dataclasses.replace(self, demem={**self.demem, "noise_multiplier": sigma})
+
+    def sampling_of(self, num_samples: int) -> Sampling:
+        """How this run's batches are drawn, for the accountant."""
+        sampler = self.sampler(num_samples)
+        return Sampling("shuffle") if sampler is None else Sampling.of(sampler)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -77,4 +124,6 @@ class TrainConfig:
         unknown = set(values) - known
         if unknown:
             raise ValueError(f"unknown training option(s) in checkpoint: {sorted(unknown)}")
+        if "sampling" not in values:  # written before the sampling option: those runs drew shuffled batches
+            values = {**values, "sampling": "shuffle"}
         return cls(**values)

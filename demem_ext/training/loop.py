@@ -31,6 +31,7 @@ from demem_ext.training.checkpoint import load_checkpoint, save_checkpoint
 from demem_ext.training.config import CHECKPOINT_NAME, METRICS_NAME, TrainConfig
 from demem_ext.training.data import DatasetInfo, load_dataset
 from demem_ext.middleware import DeMem
+from demem_ext.sampling import collate_allowing_empty
 from demem_ext.training.models import build_model, has_batchnorm
 
 @dataclass
@@ -130,6 +131,9 @@ def build(cfg: TrainConfig, train_subset: Optional[torch.Tensor] = None) -> Trai
     if world > 1 and cfg.batch_size % world:
         raise ValueError(f"batch_size {cfg.batch_size} is the global batch: it must be divisible by the "
                          f"number of processes ({world})")
+    if world > 1 and cfg.sampling_kind() == "poisson":
+        raise ValueError("sampling 'poisson' is not supported under torchrun: use --sampling shuffle "
+                         "(no ε is then reported)")
     device = _process_device(cfg)
     seed_everything(cfg.seed)
     train_set, test_set, info = load_dataset(cfg.dataset, cfg.data_dir, cfg.download, cfg.augment, cfg.split_seed)
@@ -137,6 +141,7 @@ def build(cfg: TrainConfig, train_subset: Optional[torch.Tensor] = None) -> Trai
         if train_subset.numel() == 0 or int(train_subset.min()) < 0 or int(train_subset.max()) >= len(train_set):
             raise ValueError(f"train_subset must hold indices in [0, {len(train_set)}), non-empty")
         train_set = SubsetWithLocalIndex(train_set, train_subset)
+    cfg = cfg.with_calibrated_noise(len(train_set))
     norm = cfg.norm if cfg.norm is not None else ("group" if cfg.per_sample() and cfg.model != "cnn" else None)
     model = build_model(cfg.model, info.num_classes, info.input_shape[0], norm).to(device)
     if cfg.per_sample() and has_batchnorm(model):
@@ -155,7 +160,9 @@ def build(cfg: TrainConfig, train_subset: Optional[torch.Tensor] = None) -> Trai
         train_model = DistributedDataParallel(model, device_ids=device_ids)
     demem = None
     if cfg.use_demem:
+        sampler = cfg.sampler(len(train_set))
         demem = DeMem(train_model, optimizer, cfg.demem_config(), num_samples=len(train_set),
+                      sampling=sampler if sampler is not None else "shuffle",
                       seed=cfg.seed, nonfinite=cfg.nonfinite, chunk_size=cfg.chunk_size)
     return TrainState(cfg, info, train_set, test_set, model, optimizer, scheduler, objective, demem,
                       train_subset=train_subset, device=device, train_model=train_model, rank=rank,
@@ -163,7 +170,8 @@ def build(cfg: TrainConfig, train_subset: Optional[torch.Tensor] = None) -> Trai
 
 
 def _loader(state: TrainState, epoch: int) -> DataLoader:
-    """The epoch's shuffled batches; the order depends only on (seed, epoch), so resuming replays it.
+    """The epoch's batches: shuffled, or Poisson (each sample with probability batch_size / N, batches may be
+    empty); they depend only on (seed, epoch), so resuming replays them.
 
     Under torch.distributed: this rank's share (DistributedSampler) in batches of batch_size / ranks.
     """
@@ -174,6 +182,9 @@ def _loader(state: TrainState, epoch: int) -> DataLoader:
         return DataLoader(state.train_set, batch_size=state.config.batch_size // state.world_size,
                           sampler=sampler, drop_last=False)
     generator = torch.Generator().manual_seed(state.config.seed * 100_003 + epoch)
+    sampler = state.config.sampler(len(state.train_set), generator)
+    if sampler is not None:
+        return DataLoader(state.train_set, batch_sampler=sampler, collate_fn=collate_allowing_empty(state.train_set))
     return DataLoader(state.train_set, batch_size=state.config.batch_size, shuffle=True,
                       generator=generator, drop_last=False)
 
@@ -181,6 +192,12 @@ def _loader(state: TrainState, epoch: int) -> DataLoader:
 def _train_batch(state: TrainState, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> dict[str, float]:
     model, objective, dm = state.model, state.objective, state.demem
     train_model = state.train_model if state.train_model is not None else model  # DDP: synchronised backward
+    if len(y) == 0:  # an empty Poisson batch: a noise-only step when DeMem adds noise, else nothing
+        if dm is not None and state.config.per_sample():
+            state.optimizer.zero_grad(set_to_none=True)
+            dm.backward_per_sample(objective.per_sample_loss, x, x, y, indices=idx)
+            state.optimizer.step()
+        return {"loss": 0.0, "correct": 0.0, "count": 0.0}
     x_adv = objective.adversarial(model, x, y)  # the attack is local to each rank
     train_model.train()
     state.optimizer.zero_grad(set_to_none=True)
@@ -218,6 +235,8 @@ def train_epoch(state: TrainState, progress: bool = True) -> dict[str, float]:
     for x, y, idx in bar:
         x, y = x.to(device), y.to(device)
         out = _train_batch(state, x, y, idx.to(device))
+        if not out["count"]:
+            continue  # an empty Poisson batch: nothing to average
         totals["batches"] += 1
         for key in ("loss", "high_risk", "clip"):
             totals[key] += out.get(key, 0.0)
@@ -232,8 +251,8 @@ def train_epoch(state: TrainState, progress: bool = True) -> dict[str, float]:
     if state.world_size > 1:  # metrics of all ranks' batches
         summed = distributed.all_reduce_sum(torch.tensor(list(totals.values()), dtype=torch.float64))
         totals = dict(zip(totals, summed.tolist()))
-    n = totals["batches"]
-    return {"train_loss": totals["loss"] / n, "train_adv_acc": totals["correct"] / totals["count"],
+    n = max(totals["batches"], 1.0)  # every batch of an epoch may be empty with Poisson sampling
+    return {"train_loss": totals["loss"] / n, "train_adv_acc": totals["correct"] / max(totals["count"], 1.0),
             "high_risk_fraction": totals["high_risk"] / n, "clip_fraction": totals["clip"] / n}
 
 
@@ -318,7 +337,7 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike, resume: bool = False, pr
             metrics = train_epoch(state, progress=progress)
             state.epoch += 1
             metrics.update(epoch=state.epoch, seconds=time.perf_counter() - start,
-                           lr=state.optimizer.param_groups[0]["lr"])
+                           lr=state.optimizer.param_groups[0]["lr"], **privacy_report(state))
             if main:
                 with metrics_path.open("a") as fh:  # before the checkpoint: a resume trims extra lines
                     fh.write(json.dumps(metrics) + "\n")
@@ -328,6 +347,15 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike, resume: bool = False, pr
             log(f"epoch {state.epoch}: loss {metrics['train_loss']:.4f}  adv acc {metrics['train_adv_acc']:.3f}"
                 f"  high-risk {metrics['high_risk_fraction']:.3f}  clip {metrics['clip_fraction']:.3f}")
     return state
+
+
+def privacy_report(state: TrainState) -> dict[str, Any]:
+    """ε spent so far (None where no ε is guaranteed), δ, the sampling and the reason, for metrics and eval.json."""
+    cfg = state.config
+    if state.demem is None:
+        return {"epsilon": None, "delta": cfg.delta, "sampling": cfg.sampling_kind(), "epsilon_reason": "no DeMem"}
+    eps, reason = state.demem.privacy_spent(cfg.delta)
+    return {"epsilon": eps, "delta": cfg.delta, "sampling": cfg.sampling_kind(), "epsilon_reason": reason}
 
 
 def _quiet(_: str) -> None:

@@ -68,7 +68,7 @@ def test_bad_flags_exit_with_usage_error(argv: list[str]) -> None:
 
 def test_invalid_values_are_clear_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["train", "--lam", "-1", "--out", str(tmp_path / "a"), *FAST]) == 2
-    assert "lam must be >= 0" in capsys.readouterr().err
+    assert "lam must be in [0, 1000]" in capsys.readouterr().err
     assert main(["train", "--model", "resnet18", "--norm", "batch", "--max-grad-norm", "1",
                  "--out", str(tmp_path / "b"), *FAST]) == 2
     assert "--norm group" in capsys.readouterr().err

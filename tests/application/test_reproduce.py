@@ -103,7 +103,7 @@ def test_configuration_keywords() -> None:
 def test_lambda_choice_rule() -> None:
     def row(method: str, lam, pgd20: float, tpr: float) -> dict:
         return {"method": method, "family": "PGD-AT", "lam": lam, "mean_test_pgd20_acc": pgd20,
-                "lira_online": {"tpr_at_fpr_0.01": tpr}}
+                "primary": {"tpr_at_fpr_0.01": tpr}}
 
     rows = {"pgd-at": row("baseline", None, 0.80, 0.10),
             "a": row("demem", 0.25, 0.80, 0.08), "b": row("demem", 1.0, 0.785, 0.05),

@@ -1,0 +1,1 @@
+"""Adapters of the DeMem block to training frameworks (optional extras: each imports its framework)."""
