@@ -57,16 +57,25 @@ __device__ __forceinline__ double to_acc<double, double>(double x) {
   return x;
 }
 
-// Sum over the block; every thread gets the result. `shared` holds at least 33 doubles.
-__device__ double block_sum(double v, double* shared) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+struct SumOp {
+  __device__ double operator()(double a, double b) const { return a + b; }
+};
+struct MaxOp {
+  __device__ double operator()(double a, double b) const { return fmax(a, b); }
+};
+
+// `op` over the block (0 is its identity: a sum, or the maximum of values >= 0); every thread gets the
+// result. `shared` holds at least 33 doubles.
+template <typename Op>
+__device__ double block_reduce(double v, double* shared, Op op) {
+  for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_down_sync(0xffffffffu, v, o));
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   if (lane == 0) shared[warp] = v;
   __syncthreads();
   if (warp == 0) {
     const int warps = (blockDim.x + 31) >> 5;
     v = lane < warps ? shared[lane] : 0.0;
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+    for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_down_sync(0xffffffffu, v, o));
     if (lane == 0) shared[32] = v;
   }
   __syncthreads();
@@ -75,23 +84,8 @@ __device__ double block_sum(double v, double* shared) {
   return total;
 }
 
-// The maximum of v over the block (v >= 0), returned to every thread.
-__device__ double block_max(double v, double* shared) {
-  for (int o = 16; o > 0; o >>= 1) v = fmax(v, __shfl_down_sync(0xffffffffu, v, o));
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  if (lane == 0) shared[warp] = v;
-  __syncthreads();
-  if (warp == 0) {
-    const int warps = (blockDim.x + 31) >> 5;
-    v = lane < warps ? shared[lane] : 0.0;
-    for (int o = 16; o > 0; o >>= 1) v = fmax(v, __shfl_down_sync(0xffffffffu, v, o));
-    if (lane == 0) shared[32] = v;
-  }
-  __syncthreads();
-  const double top = shared[32];
-  __syncthreads();  // `shared` may be reused after this
-  return top;
-}
+__device__ double block_sum(double v, double* shared) { return block_reduce(v, shared, SumOp()); }
+__device__ double block_max(double v, double* shared) { return block_reduce(v, shared, MaxOp()); }
 
 // ------------------------------------------------------------------------------------------------
 // Pass 1: sums of squares of (row, segment) pieces.

@@ -10,7 +10,7 @@ from typing import Any, Mapping, Optional
 import torch
 
 from demem_ext import accounting
-from demem_ext.audit import memorization, metrics
+from demem_ext.audit import memorization, metrics, proxies
 from demem_ext.audit.attacks import PRIMARY_RULE, primary_attack, run_attacks, summarize, worst_case
 from demem_ext.audit.calibration import canary_power
 from demem_ext.training import TrainConfig
@@ -86,6 +86,10 @@ def run_audit(stats: Mapping[str, Any], out_dir: str | Path, title: Optional[str
     if m < MIN_MODELS:
         report["warnings"].append(f"only {m} shadow models (M < {MIN_MODELS}): per-example variances and TPR at "
                                   "low FPR are unreliable; read the fixed-variance attacks and use more models")
+    if stats.get("loss_record") is not None:  # shadow models that recorded their training losses
+        report["proxy_screening"] = proxies.screen(stats["loss_record"], stats["labels"], keep,
+                                                   attacks[primary][0], columns)
+        report["proxy_screening"]["attack"] = primary
     if canaries is not None:
         report["canaries"] = canary_power(*attacks[primary], canaries)
         report["canaries"]["attack"] = primary
@@ -129,6 +133,8 @@ def format_report(report: Mapping[str, Any]) -> str:
         lines.append(f"canaries ({c['num_canaries']}, power check, not in the rows above): {c['attack']} TPR "
                      f"{_pct(c['tpr_at_fpr_0.001'])} at 0.1% FPR ({c['times_chance_0.001']:.0f}x chance), "
                      f"{_pct(c['tpr_at_fpr_0.01'])} at 1%")
+    if "proxy_screening" in report:
+        lines += proxies.format_screening(report["proxy_screening"])
     eps = report["privacy"]["epsilon"]
     lines.append(f"epsilon: {eps:.3g} (δ = {DELTA})" if eps is not None else report["privacy"]["reason"])
     lines += [f"warning: {w}" for w in report.get("warnings", [])]

@@ -120,7 +120,7 @@ def train_shadow_models(cfg: TrainConfig, out_dir: str | Path, num_models: int =
         stats_path = folder / "stats.pt"
         if stats_path.exists():
             continue
-        model_cfg = dataclasses.replace(cfg, seed=cfg.seed + model_id)
+        model_cfg = dataclasses.replace(cfg, seed=cfg.seed + model_id, record_losses=True)  # proxy screening
         subset = keep[model_id].nonzero().flatten()
         log(f"shadow model {model_id + 1}/{num_models}: training on {len(subset)} of {len(population)} samples")
         state = train(model_cfg, folder, resume=True, progress=progress, log=lambda _: None,
@@ -132,7 +132,7 @@ def train_shadow_models(cfg: TrainConfig, out_dir: str | Path, num_models: int =
         payload: dict[str, Any] = {"format": STATS_FORMAT, "model_id": model_id, "keep": keep[model_id],
                                    "test_natural_acc": test_acc, "test_pgd20_acc": test_pgd,
                                    "demem": state.demem.state_dict() if state.demem is not None else None,
-                                   "num_train": len(subset), **stats}
+                                   "num_train": len(subset), "loss_record": state.loss_record, **stats}
         save_checkpoint(payload, stats_path)
         trained.append(model_id)
     return trained
@@ -164,4 +164,15 @@ def load_stats(out_dir: str | Path, num_models: Optional[int] = None) -> dict[st
     for key in ("test_natural_acc", "test_pgd20_acc", "num_train"):
         merged[key] = torch.tensor([float(s[key]) for s in per_model])
     merged["demem"] = [s["demem"] for s in per_model]
+    if all(s.get("loss_record") is not None for s in per_model):  # [M, E, N, 2], NaN where a sample is OUT
+        merged["loss_record"] = _population_record(per_model, keep)
     return merged
+
+
+def _population_record(per_model: list[dict[str, Any]], keep: torch.Tensor) -> torch.Tensor:
+    """Each model's training-loss record [E, n_m, 2] placed at its members' population indices."""
+    epochs = per_model[0]["loss_record"].shape[0]
+    record = torch.full((keep.shape[0], epochs, keep.shape[1], 2), float("nan"))
+    for m, stats in enumerate(per_model):
+        record[m][:, keep[m].nonzero().flatten()] = stats["loss_record"].float()
+    return record

@@ -51,6 +51,7 @@ class TrainConfig:
     sampling: str = "auto"  # "auto": Poisson when DeMem adds noise, else shuffled fixed-size batches
     target_epsilon: Optional[float] = None  # σ calibrated to this ε at `delta` (replaces noise_multiplier)
     delta: float = 1e-5
+    record_losses: bool = False  # keep every training sample's adversarial and natural loss of every epoch
 
     def __post_init__(self) -> None:
         for name, allowed in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("path", PATHS)):

@@ -53,6 +53,7 @@ class TrainState:
     train_model: Optional[nn.Module] = None  # the model as trained: DDP-wrapped under torch.distributed
     rank: int = 0
     world_size: int = 1
+    loss_record: Optional[torch.Tensor] = None  # [epochs, N, 2]: adversarial and natural loss (record_losses)
 
 
 def seed_everything(seed: int) -> None:
@@ -164,9 +165,12 @@ def build(cfg: TrainConfig, train_subset: Optional[torch.Tensor] = None) -> Trai
         demem = DeMem(train_model, optimizer, cfg.demem_config(), num_samples=len(train_set),
                       sampling=sampler if sampler is not None else "shuffle",
                       seed=cfg.seed, nonfinite=cfg.nonfinite, chunk_size=cfg.chunk_size)
+    if cfg.record_losses and world > 1:
+        raise ValueError("record_losses is not supported under torchrun")
+    record = torch.full((cfg.epochs, len(train_set), 2), math.nan) if cfg.record_losses else None
     return TrainState(cfg, info, train_set, test_set, model, optimizer, scheduler, objective, demem,
                       train_subset=train_subset, device=device, train_model=train_model, rank=rank,
-                      world_size=world)
+                      world_size=world, loss_record=record)
 
 
 def _loader(state: TrainState, epoch: int) -> DataLoader:
@@ -214,6 +218,8 @@ def _train_batch(state: TrainState, x: torch.Tensor, y: torch.Tensor, idx: torch
             dm.backward(losses, indices=idx)
         else:
             losses.mean().backward()
+    if state.loss_record is not None:
+        _record_losses(state, x, y, idx, losses.detach())
     state.optimizer.step()
     # accuracy on the trained-on inputs, from the logits of this step's forward (before the update)
     correct = (logits.detach().argmax(1) == y).float().sum().item()
@@ -222,6 +228,20 @@ def _train_batch(state: TrainState, x: torch.Tensor, y: torch.Tensor, idx: torch
         out["high_risk"] = dm.stats.high_risk_fraction
         out["clip"] = dm.stats.clip_fraction if dm.stats.clip_fraction is not None else 0.0
     return out
+
+
+def _record_losses(state: TrainState, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor,
+                   adversarial: torch.Tensor) -> None:
+    """This epoch's training losses of the batch (adversarial, as trained on) and natural losses (an eval-mode
+    forward without gradients before the step: it draws no random numbers and changes no state)."""
+    model = state.model
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        natural = nn.functional.cross_entropy(model(x), y, reduction="none")
+    model.train(was_training)
+    rows = torch.stack([adversarial.float(), natural.float()], dim=1).cpu()
+    state.loss_record[state.epoch, idx.cpu()] = rows
 
 
 def train_epoch(state: TrainState, progress: bool = True) -> dict[str, float]:
@@ -285,6 +305,7 @@ def checkpoint_payload(state: TrainState) -> dict[str, Any]:
         "demem": state.demem.state_dict() if state.demem is not None else None,
         "rng": _rng_state(),
         "train_subset": state.train_subset,
+        "loss_record": state.loss_record,
     }
 
 
@@ -298,6 +319,8 @@ def restore(payload: dict[str, Any]) -> TrainState:
     if state.demem is not None and payload["demem"] is not None:
         state.demem.load_state_dict(payload["demem"])
     state.epoch = int(payload["epoch"])
+    if state.loss_record is not None and payload.get("loss_record") is not None:
+        state.loss_record = payload["loss_record"]
     _set_rng_state(payload["rng"])
     return state
 
