@@ -12,6 +12,7 @@ from typing import Any, Optional, Sequence
 
 from demem_ext.config import CLIP_SCOPES, PROXIES, SELECTIONS, THRESHOLDS, DeMemConfig
 from demem_ext.training import OPTIMIZERS, PATHS, SCHEDULES, TrainConfig
+from demem_ext.training.precision import MEMORY_FORMATS, PRECISIONS
 
 _DEMEM_CHOICES = {"proxy": PROXIES, "selection": SELECTIONS, "threshold": THRESHOLDS, "clip_scope": CLIP_SCOPES}
 _DEMEM_TYPES = {"max_grad_norm": float, "expected_batch_size": int}
@@ -46,6 +47,7 @@ def _add_train_args(p: argparse.ArgumentParser, run_flags: bool = True) -> None:
     g.add_argument("--split-seed", type=int, default=d.split_seed, help="seed of the digits train/test split")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     g.add_argument("--device", default=d.device)
+    add_precision_args(g)
     g = p.add_argument_group("DeMem (defaults: DeMemConfig)")
     g.add_argument("--no-demem", action="store_true", help="plain training loop without DeMem")
     g.add_argument("--path", default=d.path, choices=PATHS,
@@ -74,6 +76,15 @@ def _add_train_args(p: argparse.ArgumentParser, run_flags: bool = True) -> None:
                        help="also run AutoAttack on the test split at the end")
 
 
+def add_precision_args(g: argparse._ActionsContainer) -> None:
+    """--precision and --memory-format (training only; evaluation and audit scoring stay fp32)."""
+    g.add_argument("--precision", default="auto", choices=list(PRECISIONS),
+                   help="training arithmetic: bf16 autocast or fp32 (default auto: bf16 where the device has native "
+                        "bf16, i.e. AMX or AVX512-BF16 CPUs and CUDA; fp32 elsewhere)")
+    g.add_argument("--memory-format", default="auto", choices=list(MEMORY_FORMATS),
+                   help="model and batch layout (default auto: channels_last)")
+
+
 def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
     """TrainConfig from parsed `demem train` flags (DeMem fields only where given)."""
     demem = {f.name: getattr(args, f"demem_{f.name}") for f in dataclasses.fields(DeMemConfig)
@@ -87,7 +98,7 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
         device=args.device,
         use_demem=not args.no_demem, path=args.path, nonfinite=args.nonfinite,
         chunk_size=args.chunk_size, demem=demem, sampling=args.sampling, target_epsilon=args.target_epsilon,
-        delta=args.delta)
+        delta=args.delta, precision=args.precision, memory_format=args.memory_format)
 
 
 def _print_table(title: str, result: dict[str, Any]) -> None:
@@ -220,8 +231,11 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         if getattr(args, name) is not None:
             flags += ["--" + name.replace("_", "-"), str(getattr(args, name))]
     flags += (["--jobs", str(args.jobs)] if args.jobs != 1 else []) + (["--no-progress"] if args.no_progress else [])
+    flags += [f"--{name.replace('_', '-')}={getattr(args, name)}" for name in ("precision", "memory_format")
+              if getattr(args, name) != "auto"]
     command = "demem " + shlex.join(flags)
-    overrides = {k: getattr(args, k) for k in ("attack_steps", "batch_size", "data_dir") if getattr(args, k) is not None}
+    overrides = {k: getattr(args, k) for k in ("attack_steps", "batch_size", "data_dir", "precision", "memory_format")
+                 if getattr(args, k) is not None}
     reproduce(out, quick=args.quick, dataset=args.dataset, models=args.models, epochs=args.epochs, configs=configs,
               jobs=args.jobs, autoattack=args.autoattack, progress=not args.no_progress, base_overrides=overrides,
               eval_limit=args.eval_limit, keep_seed=args.keep_seed or 0, command=command,
@@ -285,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", default=None, help="also write the report here (e.g. docs/results.md)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    add_precision_args(p)
     p.set_defaults(func=cmd_reproduce)
     from demem_ext.bench import add_bench_args, cmd_bench
 

@@ -83,6 +83,9 @@ def run_audit(stats: Mapping[str, Any], out_dir: str | Path, title: Optional[str
         "config": stats.get("settings", {}).get("config"),
         "primary": {"attack": primary, "rule": PRIMARY_RULE, **summaries[primary]},
         "worst_case": worst_case(summaries), "attacks": summaries, "warnings": []}
+    if stats.get("training_precision"):  # shadow models: how they were trained (scoring is always fp32)
+        report["training_precision"] = [{"precision": p, "memory_format": f, "reason": r}
+                                        for p, f, r in stats["training_precision"]]
     if m < MIN_MODELS:
         report["warnings"].append(f"only {m} shadow models (M < {MIN_MODELS}): per-example variances and TPR at "
                                   "low FPR are unreliable; read the fixed-variance attacks and use more models")

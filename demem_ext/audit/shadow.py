@@ -122,7 +122,9 @@ def train_shadow_models(cfg: TrainConfig, out_dir: str | Path, num_models: int =
             continue
         model_cfg = dataclasses.replace(cfg, seed=cfg.seed + model_id, record_losses=True)  # proxy screening
         subset = keep[model_id].nonzero().flatten()
-        log(f"shadow model {model_id + 1}/{num_models}: training on {len(subset)} of {len(population)} samples")
+        resolved, reason = model_cfg.with_resolved_precision()
+        log(f"shadow model {model_id + 1}/{num_models}: training on {len(subset)} of {len(population)} samples "
+            f"in {resolved.precision}, {resolved.memory_format} ({reason})")
         state = train(model_cfg, folder, resume=True, progress=progress, log=lambda _: None,
                       train_subset=subset)
         stats = population_stats(state.model, population, model_cfg, info.input_range)
@@ -132,7 +134,9 @@ def train_shadow_models(cfg: TrainConfig, out_dir: str | Path, num_models: int =
         payload: dict[str, Any] = {"format": STATS_FORMAT, "model_id": model_id, "keep": keep[model_id],
                                    "test_natural_acc": test_acc, "test_pgd20_acc": test_pgd,
                                    "demem": state.demem.state_dict() if state.demem is not None else None,
-                                   "num_train": len(subset), "loss_record": state.loss_record, **stats}
+                                   "num_train": len(subset), "loss_record": state.loss_record,
+                                   "precision": state.config.precision, "memory_format": state.config.memory_format,
+                                   "precision_reason": state.precision_reason, **stats}
         save_checkpoint(payload, stats_path)
         trained.append(model_id)
     return trained
@@ -164,6 +168,9 @@ def load_stats(out_dir: str | Path, num_models: Optional[int] = None) -> dict[st
     for key in ("test_natural_acc", "test_pgd20_acc", "num_train"):
         merged[key] = torch.tensor([float(s[key]) for s in per_model])
     merged["demem"] = [s["demem"] for s in per_model]
+    merged["training_precision"] = sorted({(s.get("precision", "fp32"), s.get("memory_format", "contiguous"),
+                                            s.get("precision_reason", "written before the precision option"))
+                                           for s in per_model})
     if all(s.get("loss_record") is not None for s in per_model):  # [M, E, N, 2], NaN where a sample is OUT
         merged["loss_record"] = _population_record(per_model, keep)
     return merged

@@ -9,6 +9,7 @@ from typing import Any, Optional
 from demem_ext import accounting
 from demem_ext.config import DeMemConfig
 from demem_ext.sampling import PoissonBatchSampler, Sampling
+from demem_ext.training.precision import MEMORY_FORMATS, PRECISIONS, resolve_memory_format, resolve_precision
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("cosine", "step", "none")
@@ -52,6 +53,8 @@ class TrainConfig:
     target_epsilon: Optional[float] = None  # σ calibrated to this ε at `delta` (replaces noise_multiplier)
     delta: float = 1e-5
     record_losses: bool = False  # keep every training sample's adversarial and natural loss of every epoch
+    precision: str = "auto"  # "auto": bf16 autocast where the device has native bf16, else fp32 (training only)
+    memory_format: str = "auto"  # "auto": channels_last for image inputs
 
     def __post_init__(self) -> None:
         for name, allowed in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("path", PATHS)):
@@ -63,6 +66,10 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
+        if self.memory_format not in MEMORY_FORMATS:
+            raise ValueError(f"memory_format must be one of {list(MEMORY_FORMATS)}, got {self.memory_format!r}")
         if self.sampling not in SAMPLING_CHOICES:
             raise ValueError(f"sampling must be one of {list(SAMPLING_CHOICES)}, got {self.sampling!r}")
         accounting.check_delta(self.delta)
@@ -111,6 +118,12 @@ class TrainConfig:
                                                 self.epochs * len(sampler))
         return dataclasses.replace(self, demem={**self.demem, "noise_multiplier": sigma})
 
+    def with_resolved_precision(self) -> tuple["TrainConfig", str]:
+        """This config with "auto" precision and memory format replaced by what this machine uses, and why."""
+        precision, reason = resolve_precision(self.precision, self.device)
+        return dataclasses.replace(self, precision=precision,
+                                   memory_format=resolve_memory_format(self.memory_format)), reason
+
     def sampling_of(self, num_samples: int) -> Sampling:
         """How this run's batches are drawn, for the accountant."""
         sampler = self.sampler(num_samples)
@@ -127,4 +140,6 @@ class TrainConfig:
             raise ValueError(f"unknown training option(s) in checkpoint: {sorted(unknown)}")
         if "sampling" not in values:  # written before the sampling option: those runs drew shuffled batches
             values = {**values, "sampling": "shuffle"}
+        if "precision" not in values:  # written before the precision option: fp32, contiguous
+            values = {**values, "precision": "fp32", "memory_format": "contiguous"}
         return cls(**values)

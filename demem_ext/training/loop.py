@@ -33,6 +33,7 @@ from demem_ext.training.data import DatasetInfo, load_dataset
 from demem_ext.middleware import DeMem
 from demem_ext.sampling import collate_allowing_empty
 from demem_ext.training.models import build_model, has_batchnorm
+from demem_ext.training.precision import autocast, model_to_memory_format, to_memory_format
 
 @dataclass
 class TrainState:
@@ -54,6 +55,11 @@ class TrainState:
     rank: int = 0
     world_size: int = 1
     loss_record: Optional[torch.Tensor] = None  # [epochs, N, 2]: adversarial and natural loss (record_losses)
+    precision_reason: str = ""  # why config.precision was chosen ("auto" resolves by the device)
+
+    def autocast(self):
+        """The precision context of a training step (the attack and the training loss)."""
+        return autocast(self.config.precision, self.device)
 
 
 def seed_everything(seed: int) -> None:
@@ -136,6 +142,7 @@ def build(cfg: TrainConfig, train_subset: Optional[torch.Tensor] = None) -> Trai
         raise ValueError("sampling 'poisson' is not supported under torchrun: use --sampling shuffle "
                          "(no ε is then reported)")
     device = _process_device(cfg)
+    cfg, precision_reason = cfg.with_resolved_precision()
     seed_everything(cfg.seed)
     train_set, test_set, info = load_dataset(cfg.dataset, cfg.data_dir, cfg.download, cfg.augment, cfg.split_seed)
     if train_subset is not None:
@@ -145,6 +152,7 @@ def build(cfg: TrainConfig, train_subset: Optional[torch.Tensor] = None) -> Trai
     cfg = cfg.with_calibrated_noise(len(train_set))
     norm = cfg.norm if cfg.norm is not None else ("group" if cfg.per_sample() and cfg.model != "cnn" else None)
     model = build_model(cfg.model, info.num_classes, info.input_shape[0], norm).to(device)
+    model_to_memory_format(model, cfg.memory_format)
     if cfg.per_sample() and has_batchnorm(model):
         raise ValueError(f"--norm batch cannot be used with per-sample gradients (clipping/noise); "
                          f"use --norm group for {cfg.model}")
@@ -170,7 +178,7 @@ def build(cfg: TrainConfig, train_subset: Optional[torch.Tensor] = None) -> Trai
     record = torch.full((cfg.epochs, len(train_set), 2), math.nan) if cfg.record_losses else None
     return TrainState(cfg, info, train_set, test_set, model, optimizer, scheduler, objective, demem,
                       train_subset=train_subset, device=device, train_model=train_model, rank=rank,
-                      world_size=world, loss_record=record)
+                      world_size=world, loss_record=record, precision_reason=precision_reason)
 
 
 def _loader(state: TrainState, epoch: int) -> DataLoader:
@@ -199,21 +207,26 @@ def _train_batch(state: TrainState, x: torch.Tensor, y: torch.Tensor, idx: torch
     if len(y) == 0:  # an empty Poisson batch: a noise-only step when DeMem adds noise, else nothing
         if dm is not None and state.config.per_sample():
             state.optimizer.zero_grad(set_to_none=True)
-            dm.backward_per_sample(objective.per_sample_loss, x, x, y, indices=idx)
+            with state.autocast():
+                dm.backward_per_sample(objective.per_sample_loss, x, x, y, indices=idx)
             state.optimizer.step()
         return {"loss": 0.0, "correct": 0.0, "count": 0.0}
-    x_adv = objective.adversarial(model, x, y)  # the attack is local to each rank
+    with state.autocast():
+        x_adv = objective.adversarial(model, x, y)  # the attack is local to each rank
     train_model.train()
     state.optimizer.zero_grad(set_to_none=True)
     if dm is not None and state.config.per_sample():
         def loss_fn(m: nn.Module, xb: torch.Tensor, xab: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
             return objective.per_sample_loss(m, xb, xab, yb)
 
-        dm.backward_per_sample(loss_fn, x, x_adv, y, indices=idx)
-        with torch.no_grad():  # the logged loss and accuracy (per-sample gradients give neither logits)
+        with state.autocast():
+            dm.backward_per_sample(loss_fn, x, x_adv, y, indices=idx)
+        with torch.no_grad(), state.autocast():  # the logged loss and accuracy (per-sample gradients give no logits)
             losses, logits = objective.loss_and_logits(model, x, x_adv, y)
     else:
-        losses, logits = objective.loss_and_logits(train_model, x, x_adv, y)
+        with state.autocast():
+            losses, logits = objective.loss_and_logits(train_model, x, x_adv, y)
+        losses = losses.float()
         if dm is not None:
             dm.backward(losses, indices=idx)
         else:
@@ -237,7 +250,7 @@ def _record_losses(state: TrainState, x: torch.Tensor, y: torch.Tensor, idx: tor
     model = state.model
     was_training = model.training
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), state.autocast():
         natural = nn.functional.cross_entropy(model(x), y, reduction="none")
     model.train(was_training)
     rows = torch.stack([adversarial.float(), natural.float()], dim=1).cpu()
@@ -253,7 +266,7 @@ def train_epoch(state: TrainState, progress: bool = True) -> dict[str, float]:
     bar = tqdm(_loader(state, state.epoch), desc=f"epoch {state.epoch + 1}/{state.config.epochs}",
                disable=not progress or state.rank != 0, leave=False)
     for x, y, idx in bar:
-        x, y = x.to(device), y.to(device)
+        x, y = to_memory_format(x.to(device), state.config.memory_format), y.to(device)
         out = _train_batch(state, x, y, idx.to(device))
         if not out["count"]:
             continue  # an empty Poisson batch: nothing to average
@@ -351,6 +364,7 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike, resume: bool = False, pr
         state = build(cfg, train_subset)
         if main:
             metrics_path.unlink(missing_ok=True)
+        log(f"training in {state.config.precision}, {state.config.memory_format} ({state.precision_reason})")
     if main:
         _trim_metrics(metrics_path, state.epoch)
     context = state.demem if state.demem is not None else contextlib.nullcontext()
