@@ -30,11 +30,13 @@ def _add_train_args(p: argparse.ArgumentParser, run_flags: bool = True) -> None:
     g.add_argument("--model", default=d.model, choices=["cnn", "resnet18", "wrn28-10", "wrn34-10"])
     g.add_argument("--norm", default=None, choices=["none", "batch", "group"])
     g = p.add_argument_group("adversarial training")
-    g.add_argument("--at", default=d.at, choices=["pgd", "trades", "mart", "none"])
+    g.add_argument("--at", default=d.at, choices=["pgd", "trades", "mart", "relaxloss", "none"],
+                   help="objective (relaxloss: PGD-AT + RelaxLoss, Chen et al. 2022)")
     g.add_argument("--eps", type=float, default=d.eps, help="L-inf budget in [0, 1] pixel units")
     g.add_argument("--alpha", type=float, default=d.alpha, help="attack step size")
     g.add_argument("--attack-steps", type=int, default=d.attack_steps)
     g.add_argument("--beta", type=float, default=d.beta, help="TRADES/MART KL weight")
+    g.add_argument("--relax-alpha", type=float, default=d.relax_alpha, help="RelaxLoss target loss level α")
     g = p.add_argument_group("optimisation")
     g.add_argument("--optimizer", default=d.optimizer, choices=OPTIMIZERS)
     g.add_argument("--lr", type=float, default=d.lr)
@@ -92,7 +94,8 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(
         dataset=args.dataset, data_dir=args.data_dir, download=args.download, augment=args.augment,
         model=args.model, norm=args.norm, at=args.at, eps=args.eps, alpha=args.alpha,
-        attack_steps=args.attack_steps, beta=args.beta, optimizer=args.optimizer, lr=args.lr,
+        attack_steps=args.attack_steps, beta=args.beta, relax_alpha=args.relax_alpha,
+        optimizer=args.optimizer, lr=args.lr,
         momentum=args.momentum, weight_decay=args.weight_decay, schedule=args.schedule,
         epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, split_seed=args.split_seed,
         device=args.device,

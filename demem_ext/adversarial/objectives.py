@@ -1,15 +1,17 @@
-"""Adversarial-training objectives with per-sample losses: plain, PGD-AT, TRADES, MART.
+"""Adversarial-training objectives with per-sample losses: plain, PGD-AT, TRADES, MART, PGD-AT + RelaxLoss.
 
 ``adversarial(model, x, y)`` runs the objective's attack (eval mode, no parameter gradients);
 ``per_sample_loss(model, x, x_adv, y)`` returns one loss per sample, shape ``[B]``, and
 ``loss_and_logits`` the same losses with the logits on the trained-on input (a training loop logs
 its accuracy from them without another forward pass). The losses use
 only out-of-place tensor operations without data-dependent Python control flow, so they also work
-for a single sample under ``torch.func.vmap(torch.func.grad(...))``.
+for a single sample under ``torch.func.vmap(torch.func.grad(...))``; RelaxLoss, whose loss depends on
+the batch's mean, is the exception (no per-sample/DP form).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -63,6 +65,10 @@ class Objective(ABC):
     def per_sample_loss(self, model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor) -> Tensor:
         """Per-sample training loss ``[B]``."""
         return self.loss_and_logits(model, x, x_adv, y)[0]
+
+    def for_epoch(self, epoch: int) -> "Objective":
+        """The objective of training epoch ``epoch`` (0-based): itself, except for epoch-dependent ones."""
+        return self
 
 
 @dataclass(frozen=True)
@@ -160,13 +166,60 @@ class MART(_BetaObjective):
         return ce_adv - log_not_runner_up + self.beta * kl * (1.0 - p_nat_true), logits_adv
 
 
+@dataclass(frozen=True)
+class RelaxLossAT(PGDAT):
+    """PGD-AT with RelaxLoss (Chen, Yu & Fritz, ICLR 2022) on the PGD example, as in the official code.
+
+    With ℓ̄ the batch's mean cross-entropy: in even epochs the loss is |ℓ̄ − α| (gradient ascent once ℓ̄
+    is below the target level α); in odd epochs it is ℓ̄ while ℓ̄ > α, else posterior flattening: the
+    cross-entropy against soft labels (the true class's probability clamped at ``upper``, the rest spread
+    evenly over the other classes) on the misclassified samples, minus ℓ (the soft labels are not
+    detached, as in the official code). The per-sample losses returned have the batch mean of that
+    loss's gradient; they depend on the whole batch, so RelaxLoss has no per-sample (DP) form.
+    """
+
+    relax_alpha: float = 1.0
+    upper: float = 1.0
+    epoch: int = 0
+    name: ClassVar[str] = "relaxloss"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.relax_alpha >= 0:
+            raise ValueError(f"relax_alpha must be >= 0, got {self.relax_alpha}")
+        if not 0 < self.upper <= 1:
+            raise ValueError(f"upper must be in (0, 1], got {self.upper}")
+
+    def for_epoch(self, epoch: int) -> "RelaxLossAT":
+        return dataclasses.replace(self, epoch=epoch)
+
+    def loss_and_logits(self, model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """The per-sample RelaxLoss terms on f(x_adv) (see the class), and f(x_adv)."""
+        logits = model(x_adv)
+        ce = F.cross_entropy(logits, y, reduction="none")
+        mean = ce.detach().float().mean()
+        if self.epoch % 2 == 0:  # |ℓ̄ − α|: descent above α, ascent below
+            return torch.sign(mean - self.relax_alpha).to(ce.dtype) * ce, logits
+        if mean > self.relax_alpha:
+            return ce, logits
+        probs = F.softmax(logits, dim=1)
+        is_true = _true_class_mask(y, logits.shape[1])
+        p_true = (probs * is_true).sum(dim=1).clamp(max=self.upper)
+        p_else = (1.0 - p_true) / (logits.shape[1] - 1)
+        soft = torch.where(is_true, p_true.unsqueeze(1), p_else.unsqueeze(1))
+        soft_ce = -(soft * F.log_softmax(logits, dim=1)).sum(dim=1)
+        wrong = (logits.argmax(dim=1) != y).to(ce.dtype)
+        return wrong * soft_ce - ce, logits
+
+
 OBJECTIVES: dict[str, type[Objective]] = {
-    cls.name: cls for cls in (PlainObjective, PGDAT, TRADES, MART)
+    cls.name: cls for cls in (PlainObjective, PGDAT, TRADES, MART, RelaxLossAT)
 }
 
 
 def make_objective(name: str, **kwargs: Any) -> Objective:
-    """Build an objective by name: "none", "pgd", "trades" or "mart" (kwargs go to its constructor)."""
+    """Build an objective by name: "none", "pgd", "trades", "mart" or "relaxloss" (PGD-AT + RelaxLoss);
+    kwargs go to its constructor."""
     if name not in OBJECTIVES:
         raise ValueError(f"unknown objective {name!r}; choose one of {sorted(OBJECTIVES)}")
     return OBJECTIVES[name](**kwargs)

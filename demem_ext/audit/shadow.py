@@ -74,7 +74,10 @@ def _load_or_create_keep(out_dir: Path, cfg: TrainConfig, num_models: int, num_s
     settings = {"num_models": num_models, "num_samples": num_samples, "seed": seed, "config": cfg.to_dict()}
     if path.exists():
         saved = load_checkpoint(path, expected_format=KEEP_FORMAT)
-        if saved["settings"] != settings:
+        stored = saved["settings"]
+        same_run = {k: stored.get(k) for k in ("num_models", "num_samples", "seed")} == {
+            k: settings[k] for k in ("num_models", "num_samples", "seed")}
+        if not (same_run and cfg.matches(stored.get("config"))):
             raise ValueError(f"{path} was made with other settings ({saved['settings']}); "
                              f"use another --out or the same configuration")
         return saved["keep"]

@@ -57,7 +57,7 @@ def divergence(c: Configuration, out: Path) -> Optional[dict[str, Any]]:
     if not path.exists():
         return None
     record = json.loads(path.read_text())
-    return record if record.get("config") == c.config.to_dict() else None
+    return record if c.config.matches(record.get("config")) else None
 
 
 def _record_divergence(c: Configuration, out: Path, model_id: int, exc: Exception,

@@ -80,7 +80,7 @@ def _run_configuration(c: Configuration, out: Path, num_models: int, autoattack:
 
     folder = out / c.folder
     stats = load_stats(folder, num_models)
-    if stats["settings"]["config"] != c.config.to_dict():
+    if not c.config.matches(stats["settings"]["config"]):
         raise ValueError(f"{folder} holds models trained with another configuration than {c.slug!r} has now "
                          f"(e.g. after a change of DeMemConfig's defaults): use another --out or remove the folder")
     attacks = run_attacks(stats)
@@ -132,7 +132,7 @@ def sweep_rows_on_disk(all_configs: Sequence[Configuration], out: Path, num_mode
         path = out / c.folder / "audit.json"
         if path.exists() and not missing_models(out / c.folder, num_models):
             report = json.loads(path.read_text())
-            if report.get("num_models") == num_models and report.get("config") == c.config.to_dict():
+            if report.get("num_models") == num_models and c.config.matches(report.get("config")):
                 found[c.slug] = {"method": c.method, "family": c.family, "lam": c.lam,
                                  "mean_test_pgd20_acc": report["test_accuracy"]["pgd20"],
                                  "primary": {"tpr_at_fpr_0.01": report["primary"]["tpr_at_fpr_0.01"]}}

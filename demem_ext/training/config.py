@@ -34,6 +34,7 @@ class TrainConfig:
     alpha: float = 0.025
     attack_steps: int = 10
     beta: float = 6.0
+    relax_alpha: float = 1.0  # RelaxLoss's target loss level α (at="relaxloss")
     optimizer: str = "sgd"
     lr: float = 0.05
     momentum: float = 0.9
@@ -72,6 +73,9 @@ class TrainConfig:
             raise ValueError(f"memory_format must be one of {list(MEMORY_FORMATS)}, got {self.memory_format!r}")
         if self.sampling not in SAMPLING_CHOICES:
             raise ValueError(f"sampling must be one of {list(SAMPLING_CHOICES)}, got {self.sampling!r}")
+        if self.at == "relaxloss" and self.per_sample():
+            raise ValueError("at 'relaxloss' depends on the batch's mean loss and has no per-sample form: "
+                             "it cannot be combined with clipping or noise")
         accounting.check_delta(self.delta)
         cfg = self.demem_config()  # validates the DeMem fields
         if self.target_epsilon is not None:
@@ -131,6 +135,16 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def matches(self, stored: Optional[dict[str, Any]]) -> bool:
+        """Whether a stored config dict (a checkpoint's, keep.pt's) describes this config: fields added since it
+        was written count at their defaults, so a new option with a default does not orphan older runs."""
+        if stored is None:
+            return False
+        try:
+            return TrainConfig.from_dict(stored).to_dict() == self.to_dict()
+        except (TypeError, ValueError):
+            return False
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":

@@ -162,6 +162,8 @@ def build(cfg: TrainConfig, train_subset: Optional[torch.Tensor] = None) -> Trai
                               "clamp": info.input_range}
     if cfg.at in ("trades", "mart"):
         kwargs["beta"] = cfg.beta
+    if cfg.at == "relaxloss":
+        kwargs["relax_alpha"] = cfg.relax_alpha
     objective = make_objective(cfg.at, **kwargs)
     train_model = model
     if world > 1:  # DDP inside, DeMem outside
@@ -202,7 +204,7 @@ def _loader(state: TrainState, epoch: int) -> DataLoader:
 
 
 def _train_batch(state: TrainState, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> dict[str, float]:
-    model, objective, dm = state.model, state.objective, state.demem
+    model, objective, dm = state.model, state.objective.for_epoch(state.epoch), state.demem
     train_model = state.train_model if state.train_model is not None else model  # DDP: synchronised backward
     if len(y) == 0:  # an empty Poisson batch: a noise-only step when DeMem adds noise, else nothing
         if dm is not None and state.config.per_sample():
@@ -354,7 +356,7 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike, resume: bool = False, pr
     ckpt_path, metrics_path = out / CHECKPOINT_NAME, out / METRICS_NAME
     if resume and ckpt_path.exists():
         payload = load_checkpoint(ckpt_path, expected_format="demem-ext/train-v1")
-        if payload["config"] != cfg.to_dict():
+        if not cfg.matches(payload["config"]):
             log("resuming with the configuration stored in the checkpoint")
         state = restore(payload)
         log(f"resumed from {ckpt_path} after epoch {state.epoch}")

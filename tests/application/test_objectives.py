@@ -138,14 +138,14 @@ def test_trades_attack_increases_kl(model, batch):
 
 
 def test_factory():
-    assert set(OBJECTIVES) == {"none", "pgd", "trades", "mart"}
+    assert set(OBJECTIVES) == {"none", "pgd", "trades", "mart", "relaxloss"}
     obj = make_objective("trades", eps=0.2, beta=1.0)
     assert isinstance(obj, TRADES) and obj.eps == 0.2 and obj.beta == 1.0 and obj.name == "trades"
     assert isinstance(make_objective("mart"), MART)
     pgd_at = make_objective("pgd")
     assert (pgd_at.eps, pgd_at.alpha, pgd_at.steps, pgd_at.name) == (0.1, 0.025, 10, "pgd")
     assert make_objective("none").name == "none"
-    with pytest.raises(ValueError, match="choose one of.*mart.*none.*pgd.*trades"):
+    with pytest.raises(ValueError, match="choose one of.*mart.*none.*pgd.*relaxloss.*trades"):
         make_objective("fgsm")
     with pytest.raises(ValueError, match="beta"):
         make_objective("mart", beta=-1.0)
@@ -153,3 +153,48 @@ def test_factory():
         make_objective("pgd", eps=-0.5)
     with pytest.raises(ValueError, match="norm"):
         make_objective("trades", norm="l0")
+
+
+def _relaxloss_reference(logits: torch.Tensor, y: torch.Tensor, alpha: float, upper: float, epoch: int):
+    """RelaxLoss's batch loss, written out as in the official code (Chen, Yu & Fritz 2022)."""
+    ce_full = F.cross_entropy(logits, y, reduction="none")
+    ce = ce_full.mean()
+    if epoch % 2 == 0:
+        return (ce - alpha).abs()
+    if ce > alpha:
+        return ce
+    k = logits.shape[1]
+    correct = (logits.argmax(1) == y).float()
+    p_true = F.softmax(logits, dim=1)[torch.arange(len(y)), y].clamp(min=0.0, max=upper)
+    p_else = (1.0 - p_true) / (k - 1)
+    onehot = F.one_hot(y, k).float()
+    soft = onehot * p_true.unsqueeze(1) + (1 - onehot) * p_else.unsqueeze(1)
+    soft_ce = -(soft * F.log_softmax(logits, dim=1)).sum(-1)
+    return ((1 - correct) * soft_ce - ce_full).mean()
+
+
+@pytest.mark.parametrize("epoch, alpha", [(0, 0.01), (0, 50.0), (1, 0.01), (1, 50.0)],
+                         ids=["even-descent", "even-ascent", "odd-descent", "odd-flattening"])
+def test_relaxloss_has_the_official_gradient(model, batch, epoch: int, alpha: float) -> None:
+    x, y = batch
+    objective = make_objective("relaxloss", steps=2, relax_alpha=alpha, upper=0.9).for_epoch(epoch)
+    x_adv = objective.adversarial(model, x, y)
+    params = dict(model.named_parameters())
+
+    def ours(p):
+        return functional_call(model, p, (x_adv,))
+
+    losses, _ = objective.loss_and_logits(model, x, x_adv, y)
+    got = torch.autograd.grad(losses.mean(), list(params.values()))
+    expected = torch.autograd.grad(_relaxloss_reference(ours(params), y, alpha, 0.9, epoch), list(params.values()))
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+
+
+def test_relaxloss_refuses_bad_levels_and_the_per_sample_path() -> None:
+    from demem_ext.training import TrainConfig
+
+    with pytest.raises(ValueError, match="relax_alpha must be >= 0"):
+        make_objective("relaxloss", relax_alpha=-1.0)
+    with pytest.raises(ValueError, match="no per-sample form"):
+        TrainConfig(at="relaxloss", demem={"max_grad_norm": 1.0})
