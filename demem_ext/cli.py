@@ -12,6 +12,7 @@ from typing import Any, Optional, Sequence
 
 from demem_ext.config import CLIP_SCOPES, PROXIES, SELECTIONS, THRESHOLDS, DeMemConfig
 from demem_ext.training import OPTIMIZERS, PATHS, SCHEDULES, TrainConfig
+from demem_ext.training.config import DEMEM_SCORES
 from demem_ext.training.precision import MEMORY_FORMATS, PRECISIONS
 
 _DEMEM_CHOICES = {"proxy": PROXIES, "selection": SELECTIONS, "threshold": THRESHOLDS, "clip_scope": CLIP_SCOPES}
@@ -55,6 +56,9 @@ def _add_train_args(p: argparse.ArgumentParser, run_flags: bool = True) -> None:
     g.add_argument("--path", default=d.path, choices=PATHS,
                    help="weighting (no per-sample grads) or per_sample (clipping/noise); auto picks")
     g.add_argument("--nonfinite", default=d.nonfinite, choices=["error", "skip"])
+    g.add_argument("--demem-score", default=d.demem_score, choices=list(DEMEM_SCORES),
+                   help="what the risk rule reads: the training loss, its cross-entropy part (TRADES/MART) or the "
+                        "natural loss (default: loss)")
     g.add_argument("--chunk-size", type=int, default=None, help="per-sample gradient rows at once")
     g.add_argument("--sampling", default=d.sampling, choices=["auto", "poisson", "shuffle"],
                    help="how batches are drawn: Poisson (each sample with probability batch_size/N; the only "
@@ -100,7 +104,8 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
         epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, split_seed=args.split_seed,
         device=args.device,
         use_demem=not args.no_demem, path=args.path, nonfinite=args.nonfinite,
-        chunk_size=args.chunk_size, demem=demem, sampling=args.sampling, target_epsilon=args.target_epsilon,
+        chunk_size=args.chunk_size, demem=demem, demem_score=args.demem_score, sampling=args.sampling,
+        target_epsilon=args.target_epsilon,
         delta=args.delta, precision=args.precision, memory_format=args.memory_format)
 
 

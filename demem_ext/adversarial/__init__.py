@@ -1,4 +1,4 @@
-"""Adversarial attacks (PGD, FGSM) and adversarial-training objectives (PGD-AT, TRADES, MART)."""
+"""Adversarial attacks (PGD, FGSM) and adversarial-training objectives (PGD-AT, TRADES, MART, RelaxLoss)."""
 
 from demem_ext.adversarial.attacks import eval_mode, fgsm, pgd
 from demem_ext.adversarial.objectives import (
@@ -8,6 +8,8 @@ from demem_ext.adversarial.objectives import (
     TRADES,
     Objective,
     PlainObjective,
+    RelaxLossAT,
+    Terms,
     make_objective,
 )
 
@@ -18,6 +20,8 @@ __all__ = [
     "TRADES",
     "Objective",
     "PlainObjective",
+    "RelaxLossAT",
+    "Terms",
     "eval_mode",
     "fgsm",
     "make_objective",

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +40,15 @@ def _true_class_mask(y: Tensor, num_classes: int) -> Tensor:
     return torch.arange(num_classes, device=y.device) == y.unsqueeze(1)
 
 
+class Terms(NamedTuple):
+    """One forward of an objective: the per-sample loss, the logits on the trained-on input and the loss's
+    cross-entropy part (a separate memorization score for DeMem: the loss itself for PGD-AT)."""
+
+    loss: Tensor
+    logits: Tensor
+    cross_entropy: Tensor
+
+
 @dataclass(frozen=True)
 class Objective(ABC):
     """Base objective: the attack parameters, an attack and a per-sample loss."""
@@ -59,8 +68,14 @@ class Objective(ABC):
         """The (detached) inputs the loss is trained on."""
 
     @abstractmethod
+    def terms(self, model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor) -> Terms:
+        """Per-sample training loss ``[B]``, the logits ``[B, K]`` on ``x_adv`` (on ``x`` for plain training)
+        and the loss's cross-entropy part ``[B]``."""
+
     def loss_and_logits(self, model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """Per-sample training loss ``[B]`` and the logits ``[B, K]`` on ``x_adv`` (on ``x`` for plain training)."""
+        loss, logits, _ = self.terms(model, x, x_adv, y)
+        return loss, logits
 
     def per_sample_loss(self, model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor) -> Tensor:
         """Per-sample training loss ``[B]``."""
@@ -81,10 +96,11 @@ class PlainObjective(Objective):
         """No attack: returns ``x`` (detached)."""
         return x.detach()
 
-    def loss_and_logits(self, model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        """CE(f(x), y) and f(x); ``x_adv`` is ignored."""
+    def terms(self, model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor) -> Terms:
+        """CE(f(x), y), f(x) and CE again; ``x_adv`` is ignored."""
         logits = model(x)
-        return F.cross_entropy(logits, y, reduction="none"), logits
+        ce = F.cross_entropy(logits, y, reduction="none")
+        return Terms(ce, logits, ce)
 
 
 @dataclass(frozen=True)
@@ -97,10 +113,11 @@ class PGDAT(Objective):
         """PGD with a uniform random start, maximising cross-entropy."""
         return pgd(model, x, y, self.eps, self.alpha, self.steps, norm=self.norm, clamp=self.clamp)
 
-    def loss_and_logits(self, model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        """CE(f(x_adv), y) and f(x_adv)."""
+    def terms(self, model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor) -> Terms:
+        """CE(f(x_adv), y), f(x_adv) and CE again."""
         logits = model(x_adv)
-        return F.cross_entropy(logits, y, reduction="none"), logits
+        ce = F.cross_entropy(logits, y, reduction="none")
+        return Terms(ce, logits, ce)
 
 
 @dataclass(frozen=True)
@@ -129,13 +146,13 @@ class TRADES(_BetaObjective):
         return pgd(model, x, log_p_nat, self.eps, self.alpha, self.steps, norm=self.norm,
                    clamp=self.clamp, loss_fn=_kl_from_logits, start=self._start(x))
 
-    def loss_and_logits(self, model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        """CE(f(x), y) + beta * KL(softmax f(x) || softmax f(x_adv)), and f(x_adv)."""
+    def terms(self, model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor) -> Terms:
+        """CE(f(x), y) + beta * KL(softmax f(x) || softmax f(x_adv)), f(x_adv) and CE(f(x), y)."""
         logits_nat, logits_adv = model(x), model(x_adv)
         log_p_nat = F.log_softmax(logits_nat, dim=1)
         log_p_adv = F.log_softmax(logits_adv, dim=1)
-        loss = F.cross_entropy(logits_nat, y, reduction="none") + self.beta * _kl(log_p_nat, log_p_adv)
-        return loss, logits_adv
+        ce = F.cross_entropy(logits_nat, y, reduction="none")
+        return Terms(ce + self.beta * _kl(log_p_nat, log_p_adv), logits_adv, ce)
 
 
 @dataclass(frozen=True)
@@ -149,9 +166,9 @@ class MART(_BetaObjective):
         return pgd(model, x, y, self.eps, self.alpha, self.steps, norm=self.norm,
                    clamp=self.clamp, start=self._start(x))
 
-    def loss_and_logits(self, model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    def terms(self, model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor) -> Terms:
         """-log p_adv[y] - log(1 - max_{k != y} p_adv[k]) + beta * KL(p_nat || p_adv) * (1 - p_nat[y]),
-        and f(x_adv)."""
+        f(x_adv) and the boosted cross-entropy (the first two terms)."""
         logits_nat, logits_adv = model(x), model(x_adv)
         log_p_nat = F.log_softmax(logits_nat, dim=1)
         log_p_adv = F.log_softmax(logits_adv, dim=1)
@@ -163,7 +180,8 @@ class MART(_BetaObjective):
         log_not_runner_up = torch.logsumexp(log_p_adv.masked_fill(is_runner_up, float("-inf")), dim=1)
         p_nat_true = (log_p_nat.exp() * is_true).sum(dim=1)
         kl = _kl(log_p_nat, log_p_adv)
-        return ce_adv - log_not_runner_up + self.beta * kl * (1.0 - p_nat_true), logits_adv
+        boosted_ce = ce_adv - log_not_runner_up
+        return Terms(boosted_ce + self.beta * kl * (1.0 - p_nat_true), logits_adv, boosted_ce)
 
 
 @dataclass(frozen=True)
@@ -193,15 +211,15 @@ class RelaxLossAT(PGDAT):
     def for_epoch(self, epoch: int) -> "RelaxLossAT":
         return dataclasses.replace(self, epoch=epoch)
 
-    def loss_and_logits(self, model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        """The per-sample RelaxLoss terms on f(x_adv) (see the class), and f(x_adv)."""
+    def terms(self, model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor) -> Terms:
+        """The per-sample RelaxLoss terms on f(x_adv) (see the class), f(x_adv) and CE(f(x_adv), y)."""
         logits = model(x_adv)
         ce = F.cross_entropy(logits, y, reduction="none")
         mean = ce.detach().float().mean()
         if self.epoch % 2 == 0:  # |ℓ̄ − α|: descent above α, ascent below
-            return torch.sign(mean - self.relax_alpha).to(ce.dtype) * ce, logits
+            return Terms(torch.sign(mean - self.relax_alpha).to(ce.dtype) * ce, logits, ce)
         if mean > self.relax_alpha:
-            return ce, logits
+            return Terms(ce, logits, ce)
         probs = F.softmax(logits, dim=1)
         is_true = _true_class_mask(y, logits.shape[1])
         p_true = (probs * is_true).sum(dim=1).clamp(max=self.upper)
@@ -209,7 +227,7 @@ class RelaxLossAT(PGDAT):
         soft = torch.where(is_true, p_true.unsqueeze(1), p_else.unsqueeze(1))
         soft_ce = -(soft * F.log_softmax(logits, dim=1)).sum(dim=1)
         wrong = (logits.argmax(dim=1) != y).to(ce.dtype)
-        return wrong * soft_ce - ce, logits
+        return Terms(wrong * soft_ce - ce, logits, ce)
 
 
 OBJECTIVES: dict[str, type[Objective]] = {

@@ -133,6 +133,18 @@ def losses_for_backward(losses: Any) -> torch.Tensor:
     return losses
 
 
+def risk_scores(scores: Any, losses: torch.Tensor) -> Optional[torch.Tensor]:
+    """`scores` of `dm.backward`: None, or a 1-D floating tensor with one value per loss (detached here)."""
+    if scores is None:
+        return None
+    if not isinstance(scores, torch.Tensor):
+        raise TypeError(f"scores must be a torch.Tensor or None, got {type(scores).__name__}")
+    if scores.shape != losses.shape or not scores.is_floating_point():
+        raise ValueError(f"scores must be a floating tensor of the losses' shape {tuple(losses.shape)}, "
+                         f"got {scores.dtype} of shape {tuple(scores.shape)}")
+    return scores.detach().to(losses.device)
+
+
 def trainable(module: nn.Module, pending: Optional[list[nn.Parameter]]) -> list[tuple[str, nn.Parameter]]:
     """The model's trainable parameters, on one device and unchanged while sums are pending."""
     named = trainable_parameters(module)

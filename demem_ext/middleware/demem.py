@@ -155,7 +155,8 @@ class DeMem:
         """Statistics of the backward calls since the last step (or of the last step); None before any."""
         return self._recorder.stats
 
-    def backward(self, per_sample_losses: torch.Tensor, indices: Optional[torch.Tensor] = None) -> None:
+    def backward(self, per_sample_losses: torch.Tensor, indices: Optional[torch.Tensor] = None,
+                 scores: Optional[torch.Tensor] = None) -> None:
         """Backward of (1/D)·Σ_i w_i·ℓ_i for per-sample losses [B] (D = expected_batch_size or B).
 
         An ordinary `loss.backward()`: gradients accumulate into `.grad` as usual. Several calls before
@@ -165,7 +166,9 @@ class DeMem:
         call's samples with "skip". Without clipping and noise only, except with engine="opacus", where
         a config that clips or adds noise takes the per-sample path (as `backward_per_sample`) with
         Opacus's per-sample gradients of these losses. `indices` ([B] dataset indices) are required
-        with proxy="trace". An empty batch changes nothing.
+        with proxy="trace". `scores` ([B], weighting path only): what the risk rule reads instead of the
+        losses, e.g. the cross-entropy part of a TRADES/MART loss (the proxy, such as the trace, applies
+        to them). An empty batch changes nothing.
         """
         self._check_active("backward")
         per_sample = self.config.needs_per_sample_grads
@@ -175,7 +178,10 @@ class DeMem:
                              "or DeMem(..., engine='opacus')")
         self._pending.check_path("per_sample" if per_sample else "weighting")
         losses = checks.losses_for_backward(per_sample_losses)
+        scores = checks.risk_scores(scores, losses)
         idx = checks.dataset_indices(indices, losses.shape[0], self.config, self.num_samples)
+        if per_sample and scores is not None:
+            raise ValueError("scores are only supported on the weighting path (no clipping or noise)")
         if per_sample:
             params = [p for _, p in checks.trainable(self._module, self._pending.params)]
             if losses.numel() == 0:
@@ -185,9 +191,10 @@ class DeMem:
             summer = self._summer()
             self._add(summer.one_chunk(lambda _: (grads, losses.detach()), (), idx), params, idx, losses.shape[0])
         else:
-            self._weighting.backward(losses, idx, self._group, self._steps)
+            self._weighting.backward(losses, idx, self._group, self._steps, scores)
 
-    def weighted_loss(self, per_sample_losses: torch.Tensor, indices: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def weighted_loss(self, per_sample_losses: torch.Tensor, indices: Optional[torch.Tensor] = None,
+                      scores: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The weighting path's scalar loss (1/D)·Σ_i w_i·ℓ_i, for a loop that calls backward itself
         (Lightning's automatic optimization, `accelerator.backward`, AMP's `scaler.scale(loss).backward()`).
 
@@ -200,8 +207,9 @@ class DeMem:
                              "per-sample gradients: use dm.backward_per_sample(loss_fn, *batch)")
         self._pending.check_path("weighting")
         losses = checks.losses_for_backward(per_sample_losses)
+        scores = checks.risk_scores(scores, losses)
         idx = checks.dataset_indices(indices, losses.shape[0], self.config, self.num_samples)
-        return self._weighting.loss(losses, idx, self._group, self._steps)
+        return self._weighting.loss(losses, idx, self._group, self._steps, scores)
 
     def backward_per_sample(self, loss_fn: Callable[..., torch.Tensor], *batch: torch.Tensor,
                             indices: Optional[torch.Tensor] = None) -> None:

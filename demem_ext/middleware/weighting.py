@@ -26,7 +26,7 @@ class Weighed(NamedTuple):
 
     loss: Optional[torch.Tensor]
     keep: torch.Tensor  # bool [B]
-    kept: torch.Tensor  # detached losses of the kept samples
+    kept: torch.Tensor  # detached scores of the kept samples (their losses unless scores were given)
     idx: Optional[torch.Tensor]
     weights: torch.Tensor
     risk: torch.Tensor
@@ -47,23 +47,27 @@ class WeightingPath:
         self.pending, self.recorder = pending, recorder
         self.opacus: Optional[OpacusEngine] = None  # engine="opacus": its hooks run, their output is unused
 
-    def backward(self, losses: torch.Tensor, idx: Optional[torch.Tensor], group: ProcessGroup, steps: int) -> None:
+    def backward(self, losses: torch.Tensor, idx: Optional[torch.Tensor], group: ProcessGroup, steps: int,
+                 scores: Optional[torch.Tensor] = None) -> None:
         """Backward of (1/D)·Σ w_i·ℓ_i over the kept samples, then the gradient check."""
-        weighed = self.weigh(losses, idx, group)
+        weighed = self.weigh(losses, idx, group, scores)
         if weighed.loss is not None and not self._backward_finite(weighed.loss):
             weighed = weighed.dropped()  # nonfinite="skip": the call's samples are dropped
         self.commit(weighed, group, steps)
 
-    def loss(self, losses: torch.Tensor, idx: Optional[torch.Tensor], group: ProcessGroup, steps: int) -> torch.Tensor:
+    def loss(self, losses: torch.Tensor, idx: Optional[torch.Tensor], group: ProcessGroup, steps: int,
+             scores: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The scalar loss for the caller's own backward; its gradient is checked at the step (`check_grads`)."""
-        weighed = self.weigh(losses, idx, group)
+        weighed = self.weigh(losses, idx, group, scores)
         self.commit(weighed, group, steps)
         self.pending.check_grads_at_step = True
         return weighed.loss if weighed.loss is not None else losses.sum() * 0.0
 
-    def weigh(self, losses: torch.Tensor, idx: Optional[torch.Tensor], group: ProcessGroup) -> Weighed:
+    def weigh(self, losses: torch.Tensor, idx: Optional[torch.Tensor], group: ProcessGroup,
+              scores: Optional[torch.Tensor] = None) -> Weighed:
         """τ, the weights and the loss (1/D)·Σ w_i·ℓ_i of the kept samples (τ and D of the global batch, and the
-        loss scaled by the world size so that DDP's average is that, under torch.distributed)."""
+        loss scaled by the world size so that DDP's average is that, under torch.distributed). `scores`: the
+        values the risk rule reads in place of the losses (the proxy's input; None: the losses)."""
         cfg = self.config
         if self.pending.path == "weighting" and cfg.expected_batch_size is None:
             raise ValueError("a second weighting-path call before optimizer.step() (gradient accumulation) needs "
@@ -71,11 +75,13 @@ class WeightingPath:
                              "and with D = its own B the step would get the sum of the calls' means "
                              "(docs/design.md, 'Gradient accumulation')")
         detached = losses.detach()
-        problem = "per_sample_losses has non-finite values"
-        keep = group.finite(self.policy, torch.isfinite(detached), problem)
+        problem = "per_sample_losses (or scores) has non-finite values"
+        finite = torch.isfinite(detached) if scores is None else torch.isfinite(detached) & torch.isfinite(scores)
+        keep = group.finite(self.policy, finite, problem)
         idx = None if idx is None else idx[keep.cpu()]
         kept = losses if bool(keep.all()) else losses[keep]
-        scores = self.trace.scores(kept.detach(), idx)
+        source = kept.detach() if scores is None else scores[keep].to(kept.dtype)
+        scores = self.trace.scores(source, idx)
         rule, total = group.rule_for(cfg, scores, keep, problem, self.policy, fix_tau=False)
         weights = risk = detached.new_zeros(0)
         loss = None
@@ -84,7 +90,7 @@ class WeightingPath:
             loss = weighted_mean(kept, weights, float(cfg.expected_batch_size or total)) * group.world
         elif total > 0:  # other ranks have samples: take part in DDP's all-reduce with zero gradients
             loss = sum((p * 0).sum() for _, p in checks.trainable(self.module, None))
-        return Weighed(loss, keep, kept.detach(), idx, weights, risk)
+        return Weighed(loss, keep, source, idx, weights, risk)
 
     def commit(self, weighed: Weighed, group: ProcessGroup, steps: int) -> None:
         """The call's samples into the loss trace and the stats."""

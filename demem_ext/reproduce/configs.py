@@ -1,5 +1,5 @@
-"""The configurations of `demem reproduce`: PGD-AT / TRADES, DP-SGD, the DeMem λ sweep, the loss-trace
-proxy and the rule variants, each built from one base TrainConfig by overrides (docs/design.md, "The
+"""The configurations of `demem reproduce`: PGD-AT / TRADES / MART, DP-SGD, RelaxLoss, the DeMem λ sweep,
+the loss-trace proxy, other risk scores and the rule variants, each built from one base TrainConfig by overrides (docs/design.md, "The
 rule" and "The reproduction")."""
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ FALLBACK_LAMBDA = 0.5
 TRACE_SLUG = "pgd-demem-trace"
 BASELINE_SLUG = "pgd-at"
 DP_REFERENCE_SLUG = "pgd-dp-s1"
-FAMILY_BASELINE = {"PGD-AT": BASELINE_SLUG, "TRADES": "trades"}
+FAMILY_BASELINE = {"PGD-AT": BASELINE_SLUG, "TRADES": "trades", "MART": "mart"}
+RELAXLOSS_ALPHAS = (0.3, 0.5)  # RelaxLoss's target levels: PGD-AT's adversarial training loss ends near 0.2
 
 @dataclass(frozen=True)
 class Configuration:
@@ -29,8 +30,8 @@ class Configuration:
     name: str
     slug: str
     config: TrainConfig
-    family: str                   # "PGD-AT" | "TRADES"
-    method: str                   # "baseline" | "dp" | "demem" | "demem-trace"
+    family: str                   # "PGD-AT" | "TRADES" | "MART"
+    method: str                   # "baseline" | "dp" | "demem" | "demem-trace" | "demem-score" | "relaxloss" | ...
     lam: Optional[float] = None   # DeMem λ (None: no DeMem)
     noise: Optional[float] = None  # DP-SGD σ
     report_epsilon: bool = False  # a DP-SGD configuration: ε is reported
@@ -70,6 +71,8 @@ def configurations(base: TrainConfig, trace_lam: float = FALLBACK_LAMBDA) -> lis
     default_lam = DeMemConfig().lam
     pgd = dataclasses.replace(base, at="pgd")
     trades = dataclasses.replace(base, at="trades")
+    mart = dataclasses.replace(base, at="mart")
+    relaxloss = dataclasses.replace(base, at="relaxloss")
 
     def make(name: str, slug: str, start: TrainConfig, family: str, method: str, lam: Optional[float] = None,
              noise: Optional[float] = None, **overrides: Any) -> Configuration:
@@ -90,6 +93,20 @@ def configurations(base: TrainConfig, trace_lam: float = FALLBACK_LAMBDA) -> lis
                     **_dp(base, 1.0)))
     out.append(make(f"TRADES + DeMem (λ = {default_lam:g})", "trades-demem", trades, "TRADES", "demem",
                     lam=default_lam, use_demem=True, demem=demem_fields(lam=default_lam)))
+    out.append(make(f"TRADES + DeMem, CE score (λ = {default_lam:g})", "trades-demem-ce", trades, "TRADES",
+                    "demem-score", lam=default_lam, use_demem=True, demem=demem_fields(lam=default_lam),
+                    demem_score="cross_entropy"))
+    out.append(make("MART", "mart", mart, "MART", "baseline", use_demem=False, demem={}))
+    out.append(make(f"MART + DeMem (λ = {default_lam:g})", "mart-demem", mart, "MART", "demem",
+                    lam=default_lam, use_demem=True, demem=demem_fields(lam=default_lam)))
+    out.append(make(f"MART + DeMem, CE score (λ = {default_lam:g})", "mart-demem-ce", mart, "MART", "demem-score",
+                    lam=default_lam, use_demem=True, demem=demem_fields(lam=default_lam), demem_score="cross_entropy"))
+    out.append(make(f"PGD-AT + DeMem, natural-loss score (λ = {default_lam:g})", "pgd-demem-natural", pgd,
+                    "PGD-AT", "demem-score", lam=default_lam, use_demem=True, demem=demem_fields(lam=default_lam),
+                    demem_score="natural"))
+    for alpha in RELAXLOSS_ALPHAS:
+        out.append(make(f"PGD-AT + RelaxLoss (α = {alpha:g})", f"pgd-relaxloss-a{alpha:g}", relaxloss, "PGD-AT",
+                        "relaxloss", use_demem=False, demem={}, relax_alpha=alpha))
     for slug, family, label, overrides in VARIANTS:
         out.append(make(f"{family} + DeMem variant ({label})", slug, pgd if family == "PGD-AT" else trades, family,
                         "demem-variant", lam=overrides["lam"], use_demem=True,

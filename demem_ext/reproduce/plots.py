@@ -11,8 +11,9 @@ import numpy as np
 from demem_ext.audit.metrics import _tpr_at
 
 LABEL_GAP = 0.05  # minimal vertical distance between two point labels, in axes fractions
-MARKERS = {"baseline": "o", "dp": "s", "demem": "^", "demem-trace": "D", "demem-variant": "v"}
-COLORS = {"PGD-AT": "tab:blue", "TRADES": "tab:orange"}
+MARKERS = {"baseline": "o", "dp": "s", "demem": "^", "demem-trace": "D", "demem-variant": "v", "demem-score": "P",
+           "relaxloss": "X"}
+COLORS = {"PGD-AT": "tab:blue", "TRADES": "tab:orange", "MART": "tab:green"}
 
 
 def _figure(size: tuple[float, float]):
@@ -63,7 +64,8 @@ def plot_tradeoff(rows: Sequence[dict[str, Any]], path: Path, use_autoattack: bo
 
     handles = [Line2D([], [], marker=MARKERS[m], color="gray", linestyle="none", label=label)
                for m, label in (("baseline", "no defence"), ("dp", "DP-SGD"), ("demem", "DeMem (loss)"),
-                                ("demem-trace", "DeMem (loss trace)"), ("demem-variant", "DeMem variant"))]
+                                ("demem-trace", "DeMem (loss trace)"), ("demem-variant", "DeMem variant"),
+                                ("demem-score", "DeMem (other score)"), ("relaxloss", "RelaxLoss"))]
     handles += [Line2D([], [], marker="o", color=c, linestyle="none", label=f) for f, c in COLORS.items()]
     handles.append(Line2D([], [], color="k", linestyle=":", label="chance (TPR = FPR = 1%)"))
     ax.legend(handles=handles, loc="upper left", fontsize="x-small")

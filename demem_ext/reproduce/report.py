@@ -132,7 +132,7 @@ def write_results(summary: dict[str, Any], path: str | Path) -> Path:
         f"{summary.get('primary_attack', '')} (leave-one-out; rule: {summary.get('primary_rule', '')}). "
         "TPR [95% CI]: bootstrap over the "
         f"population samples ({summary['bootstrap_resamples']} resamples, all M pairs of a sample kept together); "
-        "\"vs base\": change from the family's baseline (PGD-AT or TRADES) in points and relative, paired on the "
+        "\"vs base\": change from the family's baseline (PGD-AT, TRADES or MART) in points and relative, paired on the "
         "same resamples. These intervals cover the sampling of the audited samples, not the randomness of "
         "training (see the replicates for that). Worst case: the highest TPR over all attacks at that FPR "
         "(chosen after the fact: optimistic for the attacker). \"LiRA online\": the per-example-variance "

@@ -15,6 +15,7 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("cosine", "step", "none")
 PATHS = ("auto", "weighting", "per_sample")
 SAMPLING_CHOICES = ("auto", "poisson", "shuffle")
+DEMEM_SCORES = ("loss", "cross_entropy", "natural")
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
 
@@ -50,6 +51,9 @@ class TrainConfig:
     nonfinite: str = "error"
     chunk_size: Optional[int] = None
     demem: dict = field(default_factory=dict)  # DeMemConfig fields that differ from the defaults
+    # what DeMem's risk rule reads: the training loss, its cross-entropy part (TRADES: CE(f(x), y); MART: the
+    # boosted CE; PGD-AT: the loss itself) or the natural loss CE(f(x), y) (an eval-mode forward, no gradient)
+    demem_score: str = "loss"
     sampling: str = "auto"  # "auto": Poisson when DeMem adds noise, else shuffled fixed-size batches
     target_epsilon: Optional[float] = None  # σ calibrated to this ε at `delta` (replaces noise_multiplier)
     delta: float = 1e-5
@@ -73,6 +77,11 @@ class TrainConfig:
             raise ValueError(f"memory_format must be one of {list(MEMORY_FORMATS)}, got {self.memory_format!r}")
         if self.sampling not in SAMPLING_CHOICES:
             raise ValueError(f"sampling must be one of {list(SAMPLING_CHOICES)}, got {self.sampling!r}")
+        if self.demem_score not in DEMEM_SCORES:
+            raise ValueError(f"demem_score must be one of {list(DEMEM_SCORES)}, got {self.demem_score!r}")
+        if self.demem_score != "loss" and self.per_sample():
+            raise ValueError(f"demem_score {self.demem_score!r} is only supported on the weighting path "
+                             "(no clipping or noise)")
         if self.at == "relaxloss" and self.per_sample():
             raise ValueError("at 'relaxloss' depends on the batch's mean loss and has no per-sample form: "
                              "it cannot be combined with clipping or noise")

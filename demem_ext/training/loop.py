@@ -227,10 +227,10 @@ def _train_batch(state: TrainState, x: torch.Tensor, y: torch.Tensor, idx: torch
             losses, logits = objective.loss_and_logits(model, x, x_adv, y)
     else:
         with state.autocast():
-            losses, logits = objective.loss_and_logits(train_model, x, x_adv, y)
+            losses, logits, cross_entropy = objective.terms(train_model, x, x_adv, y)
         losses = losses.float()
         if dm is not None:
-            dm.backward(losses, indices=idx)
+            dm.backward(losses, indices=idx, scores=_risk_scores(state, x, y, losses, cross_entropy))
         else:
             losses.mean().backward()
     if state.loss_record is not None:
@@ -245,17 +245,33 @@ def _train_batch(state: TrainState, x: torch.Tensor, y: torch.Tensor, idx: torch
     return out
 
 
-def _record_losses(state: TrainState, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor,
-                   adversarial: torch.Tensor) -> None:
-    """This epoch's training losses of the batch (adversarial, as trained on) and natural losses (an eval-mode
-    forward without gradients before the step: it draws no random numbers and changes no state)."""
+def _risk_scores(state: TrainState, x: torch.Tensor, y: torch.Tensor, losses: torch.Tensor,
+                 cross_entropy: torch.Tensor) -> Optional[torch.Tensor]:
+    """What DeMem's rule reads (config.demem_score): None for the loss itself, else the detached score."""
+    kind = state.config.demem_score
+    if kind == "loss":
+        return None
+    if kind == "cross_entropy":
+        return cross_entropy.detach().float()
+    return _natural_losses(state, x, y)
+
+
+def _natural_losses(state: TrainState, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """CE(f(x), y) from an eval-mode forward without gradients: it draws no random numbers and changes no state."""
     model = state.model
     was_training = model.training
     model.eval()
     with torch.no_grad(), state.autocast():
         natural = nn.functional.cross_entropy(model(x), y, reduction="none")
     model.train(was_training)
-    rows = torch.stack([adversarial.float(), natural.float()], dim=1).cpu()
+    return natural.float()
+
+
+def _record_losses(state: TrainState, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor,
+                   adversarial: torch.Tensor) -> None:
+    """This epoch's training losses of the batch (adversarial, as trained on) and natural losses (an eval-mode
+    forward without gradients before the step: it draws no random numbers and changes no state)."""
+    rows = torch.stack([adversarial.float(), _natural_losses(state, x, y)], dim=1).cpu()
     state.loss_record[state.epoch, idx.cpu()] = rows
 
 

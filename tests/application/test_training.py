@@ -66,7 +66,7 @@ def test_metrics_and_checkpoint_contents(tmp_path: Path) -> None:
     cfg = TrainConfig(**{**TINY, "epochs": 2})
     train(cfg, tmp_path, progress=False, log=_quiet)
     payload = load_checkpoint(tmp_path / CHECKPOINT_NAME, expected_format="demem-ext/train-v1")
-    assert payload["epoch"] == 2 and payload["config"] == cfg.to_dict()
+    assert payload["epoch"] == 2 and payload["config"] == cfg.with_resolved_precision()[0].to_dict()
     assert {"model", "optimizer", "scheduler", "demem", "rng"} <= set(payload)
     rows = [json.loads(line) for line in (tmp_path / METRICS_NAME).read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2]
@@ -117,3 +117,24 @@ def test_loading_refuses_arbitrary_pickles(tmp_path: Path) -> None:
 def test_bad_training_options(bad: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         TrainConfig(**bad)
+
+
+def test_demem_score_cross_entropy_is_the_loss_for_pgd_at_and_differs_for_trades(tmp_path: Path) -> None:
+    tiny = {**TINY, "epochs": 1}
+    runs = {}
+    for at in ("pgd", "trades"):
+        for score in ("loss", "cross_entropy"):
+            state = train(TrainConfig(**tiny, at=at, demem_score=score), tmp_path / f"{at}-{score}",
+                          progress=False, log=_quiet)
+            runs[at, score] = torch.cat([p.detach().flatten() for p in state.model.parameters()])
+    torch.testing.assert_close(runs["pgd", "cross_entropy"], runs["pgd", "loss"], rtol=0, atol=0)
+    assert not torch.equal(runs["trades", "cross_entropy"], runs["trades", "loss"])
+
+
+def test_demem_score_natural_trains_and_bad_scores_are_refused(tmp_path: Path) -> None:
+    state = train(TrainConfig(**{**TINY, "epochs": 1}, demem_score="natural"), tmp_path, progress=False, log=_quiet)
+    assert state.epoch == 1
+    with pytest.raises(ValueError, match="demem_score must be one of"):
+        TrainConfig(demem_score="margin")
+    with pytest.raises(ValueError, match="only supported on the weighting path"):
+        TrainConfig(demem_score="natural", demem={"max_grad_norm": 1.0})
