@@ -84,11 +84,12 @@ def _add_train_args(p: argparse.ArgumentParser, run_flags: bool = True) -> None:
 
 def add_precision_args(g: argparse._ActionsContainer) -> None:
     """--precision and --memory-format (training only; evaluation and audit scoring stay fp32)."""
-    g.add_argument("--precision", default="auto", choices=list(PRECISIONS),
-                   help="training arithmetic: bf16 autocast or fp32 (default auto: bf16 where the device has native "
-                        "bf16, i.e. AMX or AVX512-BF16 CPUs and CUDA; fp32 elsewhere)")
-    g.add_argument("--memory-format", default="auto", choices=list(MEMORY_FORMATS),
-                   help="model and batch layout (default auto: channels_last)")
+    g.add_argument("--precision", default="fp32", choices=list(PRECISIONS),
+                   help="training arithmetic (default fp32): bf16 autocast, or auto = bf16 where the device has native "
+                        "bf16 (AMX or AVX512-BF16 CPUs, CUDA), fp32 elsewhere. bf16 is faster but failed the parity "
+                        "check for DeMem (docs/benchmarks.md)")
+    g.add_argument("--memory-format", default="contiguous", choices=list(MEMORY_FORMATS),
+                   help="model and batch layout (default contiguous; auto = channels_last)")
 
 
 def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -240,7 +241,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
             flags += ["--" + name.replace("_", "-"), str(getattr(args, name))]
     flags += (["--jobs", str(args.jobs)] if args.jobs != 1 else []) + (["--no-progress"] if args.no_progress else [])
     flags += [f"--{name.replace('_', '-')}={getattr(args, name)}" for name in ("precision", "memory_format")
-              if getattr(args, name) != "auto"]
+              if getattr(args, name) not in ("fp32", "contiguous")]
     command = "demem " + shlex.join(flags)
     overrides = {k: getattr(args, k) for k in ("attack_steps", "batch_size", "data_dir", "precision", "memory_format")
                  if getattr(args, k) is not None}

@@ -58,8 +58,10 @@ class TrainConfig:
     target_epsilon: Optional[float] = None  # σ calibrated to this ε at `delta` (replaces noise_multiplier)
     delta: float = 1e-5
     record_losses: bool = False  # keep every training sample's adversarial and natural loss of every epoch
-    precision: str = "auto"  # "auto": bf16 autocast where the device has native bf16, else fp32 (training only)
-    memory_format: str = "auto"  # "auto": channels_last for image inputs
+    # training arithmetic: fp32, bf16 autocast, or "auto" (bf16 where the device has it natively). fp32 is the
+    # default: bf16 failed the parity check for DeMem (docs/benchmarks.md, "Training precision")
+    precision: str = "fp32"
+    memory_format: str = "contiguous"  # or "channels_last" ("auto": channels_last)
 
     def __post_init__(self) -> None:
         for name, allowed in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("path", PATHS)):
