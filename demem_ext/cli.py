@@ -101,6 +101,56 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
         delta=args.delta, precision=args.precision, memory_format=args.memory_format)
 
 
+_RUN_ONLY = {"epochs"}  # with --resume: applied (extends the run), not ignored
+
+
+def given_train_flags(argv: Sequence[str]) -> dict[str, Any]:
+    """The training flags present in argv (by dest), with their parsed values; defaults left out."""
+    parser = argparse.ArgumentParser(add_help=False)
+    _add_train_args(parser)
+    dests = vars(parser.parse_args([]))
+    unset = object()
+    parser.set_defaults(**dict.fromkeys(dests, unset))
+    given, _ = parser.parse_known_args(list(argv))
+    return {dest: value for dest, value in vars(given).items() if value is not unset}
+
+
+def ignored_on_resume(given: dict[str, Any], stored: dict[str, Any]) -> list[str]:
+    """The given flags (given_train_flags) whose value differs from the stored run configuration, as
+    "--flag value (the run's: stored value)"; flags that are not configuration fields are left out."""
+    defaults = DeMemConfig()
+    ignored = []
+    for dest, value in given.items():
+        if dest.startswith("demem_"):
+            name = dest[len("demem_"):]
+            flag, old = name, stored["demem"].get(name, getattr(defaults, name))
+        elif dest == "no_demem":
+            flag, old = dest, not stored["use_demem"]
+        elif dest in stored and dest not in _RUN_ONLY:
+            flag, old = dest, stored[dest]
+        else:
+            continue
+        if value != old:
+            ignored.append(f"--{flag.replace('_', '-')} {value} (the run's: {old})")
+    return ignored
+
+
+def _resume_epochs(args: argparse.Namespace, ckpt: Path) -> Optional[int]:
+    """With --resume: check that the checkpoint exists, warn about every ignored flag, and return the
+    --epochs to train on to when it was given (None: the run's own)."""
+    from demem_ext.training.checkpoint import load_checkpoint
+
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"--resume: there is no checkpoint {ckpt} to continue (check --out)")
+    stored = load_checkpoint(ckpt, expected_format="demem-ext/train-v1")["config"]
+    given = given_train_flags(args.argv)
+    ignored = ignored_on_resume(given, stored)
+    if ignored:
+        print(f"demem train: warning: --resume continues with the configuration stored in {ckpt}; ignored: "
+              + ", ".join(ignored), file=sys.stderr)
+    return given.get("epochs")
+
+
 def _print_table(title: str, result: dict[str, Any]) -> None:
     print(title)
     for key, value in result.items():
@@ -119,10 +169,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         out = Path(args.out) if args.out else Path("runs") / f"{cfg.dataset}-{cfg.at}-{time.strftime('%Y%m%d-%H%M%S')}"
         if distributed.is_distributed():
             out = Path(distributed.broadcast_object(str(out)))  # rank 0's default folder name
+        epochs = _resume_epochs(args, out / CHECKPOINT_NAME) if args.resume else None
         if main:
             print(f"run folder: {out}")
         start = time.perf_counter()
-        state = train(cfg, out, resume=args.resume, progress=not args.no_progress)
+        state = train(cfg, out, resume=args.resume, progress=not args.no_progress, epochs=epochs)
         seconds = time.perf_counter() - start
     if not main:  # rank 0 evaluates and reports
         return 0
@@ -312,6 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if getattr(args, "threads", None):
         import torch
 

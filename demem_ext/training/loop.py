@@ -33,6 +33,7 @@ from demem_ext.training.data import DatasetInfo, load_dataset
 from demem_ext.middleware import DeMem
 from demem_ext.sampling import collate_allowing_empty
 from demem_ext.training.models import build_model, has_batchnorm
+from demem_ext.training.resume import extended_payload
 from demem_ext.training.precision import autocast, model_to_memory_format, to_memory_format
 
 @dataclass
@@ -339,10 +340,13 @@ def restore(payload: dict[str, Any]) -> TrainState:
 
 
 def train(cfg: TrainConfig, out_dir: str | os.PathLike, resume: bool = False, progress: bool = True,
-          log: Callable[[str], None] = print, train_subset: Optional[torch.Tensor] = None) -> TrainState:
+          log: Callable[[str], None] = print, train_subset: Optional[torch.Tensor] = None,
+          epochs: Optional[int] = None) -> TrainState:
     """Train (or resume) a run in out_dir: a checkpoint and a metrics line after every epoch.
 
+    resume: continue from out_dir's checkpoint with its stored configuration (a fresh run when there is none).
     train_subset: indices into the training split to train on (kept in the checkpoint).
+    epochs: when resuming, train on to this many epochs (`extended_payload` says where that is allowed).
     Under torch.distributed every rank calls this with the same out_dir (shared by all ranks);
     rank 0 alone logs and writes, the others wait for each checkpoint at a barrier.
     """
@@ -354,6 +358,8 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike, resume: bool = False, pr
     ckpt_path, metrics_path = out / CHECKPOINT_NAME, out / METRICS_NAME
     if resume and ckpt_path.exists():
         payload = load_checkpoint(ckpt_path, expected_format="demem-ext/train-v1")
+        if epochs is not None:
+            payload = extended_payload(payload, epochs, ckpt_path)
         if payload["config"] != cfg.to_dict():
             log("resuming with the configuration stored in the checkpoint")
         state = restore(payload)
