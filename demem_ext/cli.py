@@ -10,7 +10,9 @@ import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from demem_ext.arguments import device, finite_float, nonnegative_float, nonnegative_int, positive_int
 from demem_ext.config import CLIP_SCOPES, PROXIES, SELECTIONS, THRESHOLDS, DeMemConfig
+from demem_ext.outputs import check_output_file, output_folder
 from demem_ext.training import OPTIMIZERS, PATHS, SCHEDULES, TrainConfig
 from demem_ext.training.precision import MEMORY_FORMATS, PRECISIONS
 
@@ -31,36 +33,36 @@ def _add_train_args(p: argparse.ArgumentParser, run_flags: bool = True) -> None:
     g.add_argument("--norm", default=None, choices=["none", "batch", "group"])
     g = p.add_argument_group("adversarial training")
     g.add_argument("--at", default=d.at, choices=["pgd", "trades", "mart", "none"])
-    g.add_argument("--eps", type=float, default=d.eps, help="L-inf budget in [0, 1] pixel units")
-    g.add_argument("--alpha", type=float, default=d.alpha, help="attack step size")
-    g.add_argument("--attack-steps", type=int, default=d.attack_steps)
-    g.add_argument("--beta", type=float, default=d.beta, help="TRADES/MART KL weight")
+    g.add_argument("--eps", type=nonnegative_float, default=d.eps, help="L-inf budget in [0, 1] pixel units")
+    g.add_argument("--alpha", type=nonnegative_float, default=d.alpha, help="attack step size")
+    g.add_argument("--attack-steps", type=nonnegative_int, default=d.attack_steps)
+    g.add_argument("--beta", type=nonnegative_float, default=d.beta, help="TRADES/MART KL weight")
     g = p.add_argument_group("optimisation")
     g.add_argument("--optimizer", default=d.optimizer, choices=OPTIMIZERS)
-    g.add_argument("--lr", type=float, default=d.lr)
-    g.add_argument("--momentum", type=float, default=d.momentum)
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    g.add_argument("--lr", type=finite_float, default=d.lr)
+    g.add_argument("--momentum", type=nonnegative_float, default=d.momentum)
+    g.add_argument("--weight-decay", type=nonnegative_float, default=d.weight_decay)
     g.add_argument("--schedule", default=d.schedule, choices=SCHEDULES)
-    g.add_argument("--epochs", type=int, default=d.epochs)
-    g.add_argument("--batch-size", type=int, default=d.batch_size)
+    g.add_argument("--epochs", type=positive_int, default=d.epochs)
+    g.add_argument("--batch-size", type=positive_int, default=d.batch_size)
     g.add_argument("--seed", type=int, default=d.seed, help="initialisation, shuffling, attack and noise seed")
     g.add_argument("--split-seed", type=int, default=d.split_seed, help="seed of the digits train/test split")
-    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    g.add_argument("--device", default=d.device)
+    g.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
+    g.add_argument("--device", type=device, default=d.device)
     add_precision_args(g)
     g = p.add_argument_group("DeMem (defaults: DeMemConfig)")
     g.add_argument("--no-demem", action="store_true", help="plain training loop without DeMem")
     g.add_argument("--path", default=d.path, choices=PATHS,
                    help="weighting (no per-sample grads) or per_sample (clipping/noise); auto picks")
     g.add_argument("--nonfinite", default=d.nonfinite, choices=["error", "skip"])
-    g.add_argument("--chunk-size", type=int, default=None, help="per-sample gradient rows at once")
+    g.add_argument("--chunk-size", type=positive_int, default=None, help="per-sample gradient rows at once")
     g.add_argument("--sampling", default=d.sampling, choices=["auto", "poisson", "shuffle"],
                    help="how batches are drawn: Poisson (each sample with probability batch_size/N; the only "
                         "sampling ε is reported for) or shuffled fixed-size; auto: Poisson when DeMem adds noise")
-    g.add_argument("--target-epsilon", type=float, default=None,
+    g.add_argument("--target-epsilon", type=finite_float, default=None,
                    help="calibrate the noise multiplier to this ε at --delta (needs --max-grad-norm, "
                         "Poisson sampling and --lam 0 or --threshold fixed)")
-    g.add_argument("--delta", type=float, default=d.delta, help="δ of the reported ε (default 1e-5)")
+    g.add_argument("--delta", type=finite_float, default=d.delta, help="δ of the reported ε (default 1e-5)")
     for f in dataclasses.fields(DeMemConfig):
         flag = "--" + f.name.replace("_", "-")
         kind = _DEMEM_TYPES.get(f.name, type(f.default) if f.default is not None else float)
@@ -170,11 +172,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         if distributed.is_distributed():
             out = Path(distributed.broadcast_object(str(out)))  # rank 0's default folder name
         epochs = _resume_epochs(args, out / CHECKPOINT_NAME) if args.resume else None
-        if main:
-            print(f"run folder: {out}")
-        start = time.perf_counter()
-        state = train(cfg, out, resume=args.resume, progress=not args.no_progress, epochs=epochs)
-        seconds = time.perf_counter() - start
+        with output_folder(out):
+            if main:
+                print(f"run folder: {out}")
+            start = time.perf_counter()
+            state = train(cfg, out, resume=args.resume, progress=not args.no_progress, epochs=epochs)
+            seconds = time.perf_counter() - start
     if not main:  # rank 0 evaluates and reports
         return 0
     result = evaluate(state.model, state.test_set, state.config.eps, state.info.num_classes,
@@ -193,6 +196,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from demem_ext.training.checkpoint import load_checkpoint
     from demem_ext.training import TrainConfig, build
 
+    if args.json:
+        check_output_file(Path(args.json), "--json")
     payload = load_checkpoint(args.checkpoint, expected_format="demem-ext/train-v1")
     cfg = TrainConfig.from_dict(payload["config"])
     if args.device is not None:
@@ -217,11 +222,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
+    cfg = train_config_from_args(args)
+    out = Path(args.out) if args.out else Path("runs") / f"audit-{cfg.dataset}-{cfg.at}"
+    with output_folder(out):
+        return _audit(args, cfg, out)
+
+
+def _audit(args: argparse.Namespace, cfg: TrainConfig, out: Path) -> int:
+    """`demem audit` in its (existing) folder out."""
     from demem_ext.audit.report import format_report, run_audit
     from demem_ext.audit.shadow import load_stats, parse_shard, train_shadow_models
 
-    cfg = train_config_from_args(args)
-    out = Path(args.out) if args.out else Path("runs") / f"audit-{cfg.dataset}-{cfg.at}"
     print(f"audit folder: {out}")
     start = time.perf_counter()
     models = DEFAULT_SHADOW_MODELS if args.models is None else args.models
@@ -287,10 +298,11 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     command = "demem " + shlex.join(flags)
     overrides = {k: getattr(args, k) for k in ("attack_steps", "batch_size", "data_dir", "precision", "memory_format")
                  if getattr(args, k) is not None}
-    reproduce(out, quick=args.quick, dataset=args.dataset, models=args.models, epochs=args.epochs, configs=configs,
-              jobs=args.jobs, autoattack=args.autoattack, progress=not args.no_progress, base_overrides=overrides,
-              eval_limit=args.eval_limit, keep_seed=args.keep_seed or 0, command=command,
-              results_path=args.results, keep_seeds=keep_seeds)
+    with output_folder(out):
+        reproduce(out, quick=args.quick, dataset=args.dataset, models=args.models, epochs=args.epochs, configs=configs,
+                  jobs=args.jobs, autoattack=args.autoattack, progress=not args.no_progress,
+                  base_overrides=overrides, eval_limit=args.eval_limit, keep_seed=args.keep_seed or 0,
+                  command=command, results_path=args.results, keep_seeds=keep_seeds)
     return 0
 
 
@@ -303,15 +315,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="natural, PGD and AutoAttack accuracy of a checkpoint")
     p.add_argument("checkpoint")
     p.add_argument("--autoattack", default="standard", choices=["standard", "fast", "none"])
-    p.add_argument("--pgd-steps", type=int, default=20)
-    p.add_argument("--eps", type=float, default=None, help="default: the training eps")
-    p.add_argument("--limit", type=int, default=None, help="evaluate the first N test samples")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--device", default=None)
+    p.add_argument("--pgd-steps", type=nonnegative_int, default=20)
+    p.add_argument("--eps", type=nonnegative_float, default=None, help="default: the training eps")
+    p.add_argument("--limit", type=positive_int, default=None, help="evaluate the first N test samples")
+    p.add_argument("--batch-size", type=positive_int, default=256)
+    p.add_argument("--device", type=device, default=None)
     p.add_argument("--data-dir", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the result to this file")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
     p.set_defaults(func=cmd_eval)
     p = sub.add_parser("audit", help="membership-inference audit of a training configuration (shadow models)")
     _add_train_args(p, run_flags=False)  # shadow models always resume; no AutoAttack
@@ -333,23 +345,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default="digits", choices=["digits", "cifar10", "cifar100", "svhn"])
     p.add_argument("--out", default=None, help="output folder (default runs/reproduce-<dataset>[-quick])")
     p.add_argument("--data-dir", default=None, help="folder holding the torchvision dataset files (CIFAR/SVHN)")
-    p.add_argument("--models", type=int, default=None, help="shadow models per configuration (default 16; 4 quick)")
-    p.add_argument("--epochs", type=int, default=None, help="epochs per model (default 30; 15 quick)")
+    p.add_argument("--models", type=positive_int, default=None,
+                   help="shadow models per configuration (default 16; 4 quick)")
+    p.add_argument("--epochs", type=positive_int, default=None, help="epochs per model (default 30; 15 quick)")
     p.add_argument("--configs", default=None,
                    help="comma-separated slugs, or all | variants | comparison (default: comparison)")
-    p.add_argument("--jobs", type=int, default=1, help="train shadow models in N processes")
+    p.add_argument("--jobs", type=positive_int, default=1, help="train shadow models in N processes")
     p.add_argument("--autoattack", default=None, choices=["standard", "fast", "none"],
                    help="AutoAttack on model 0 (default standard; fast with --quick)")
-    p.add_argument("--attack-steps", type=int, default=None, help="training PGD steps (default 10)")
-    p.add_argument("--batch-size", type=int, default=None, help="training batch size (default 64; 32 quick)")
-    p.add_argument("--eval-limit", type=int, default=None, help="evaluate model 0 on the first N test samples")
+    p.add_argument("--attack-steps", type=nonnegative_int, default=None, help="training PGD steps (default 10)")
+    p.add_argument("--batch-size", type=positive_int, default=None,
+                   help="training batch size (default 64; 32 quick)")
+    p.add_argument("--eval-limit", type=positive_int, default=None,
+                   help="evaluate model 0 on the first N test samples")
     p.add_argument("--keep-seed", type=int, default=None, help="seed of the inclusion masks (default 0): a replicate")
     p.add_argument("--keep-seeds", default=None,
                    help="comma-separated mask seeds a,b,c: R independent replicates in <out>/keep-<seed>/, "
                         "summarised with 95%% t-intervals across replicates")
     p.add_argument("--results", default=None, help="also write the report here (e.g. docs/results.md)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
     add_precision_args(p)
     p.set_defaults(func=cmd_reproduce)
     from demem_ext.bench import add_bench_args, cmd_bench
@@ -364,7 +379,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
-    if getattr(args, "threads", None):
+    if getattr(args, "threads", None) is not None:
         import torch
 
         torch.set_num_threads(args.threads)

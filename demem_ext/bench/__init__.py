@@ -22,6 +22,8 @@ from typing import Any, Optional
 
 import torch
 
+from demem_ext.arguments import positive_int
+
 
 def write_json(path: Optional[str], data: Any) -> None:
     """The benchmark's result as indented JSON at `path` (nothing when path is None)."""
@@ -117,12 +119,12 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--model", default=None, choices=["cnn", "resnet18", "all"],
                    help="training-step table model(s) (default: all; cnn with --quick)")
-    p.add_argument("--repeats", type=int, default=None, help="fused-op timed runs per column")
-    p.add_argument("--steps", type=int, default=None, help="timed training steps per variant")
+    p.add_argument("--repeats", type=positive_int, default=None, help="fused-op timed runs per column")
+    p.add_argument("--steps", type=positive_int, default=None, help="timed training steps per variant")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--skip", default=None, choices=["fused", "training"], help="leave out one table")
     p.add_argument("--json", default=None, metavar="PATH", help="also write both tables as JSON")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

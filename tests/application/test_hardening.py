@@ -82,3 +82,69 @@ def test_resume_refuses_an_inexact_extension_or_shortening(tmp_path: Path) -> No
         train(TrainConfig(epochs=2, batch_size=256, attack_steps=1, schedule="none"), tmp_path / "b",
               progress=False, log=_quiet)
         train(cfg, tmp_path / "b", resume=True, progress=False, log=_quiet, epochs=1)
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["train", "--device", "bogus"], "--device"),
+    (["train", "--threads", "-1"], "--threads"),
+    (["train", "--threads", "0"], "--threads"),
+    (["train", "--eps", "inf"], "--eps"),
+    (["train", "--eps", "nan"], "--eps"),
+    (["eval", "x.pt", "--limit", "0"], "--limit"),
+    (["eval", "x.pt", "--limit", "-1"], "--limit"),
+    (["eval", "x.pt", "--eps", "inf"], "--eps"),
+    (["bench", "--repeats", "0"], "--repeats"),
+    (["bench", "--steps", "-1"], "--steps"),
+    (["reproduce", "--threads", "0"], "--threads"),
+])
+def test_bad_values_are_usage_errors_naming_the_flag(argv: list[str], flag: str,
+                                                     capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"demem {argv[0]}: error: argument {flag}" in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_a_gpu_is_a_usage_error(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        main(["eval", "x.pt", "--device", "cuda"])
+    assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_out_under_a_file_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "file").write_text("")
+    for command in (["train", *TINY], ["audit", "--models", "2", *TINY]):
+        assert main([*command, "--out", str(tmp_path / "file" / "run")]) == 2
+        assert f"--out {tmp_path / 'file' / 'run'}: cannot create the folder" in capsys.readouterr().err
+
+
+def test_a_failed_run_leaves_no_folder_behind(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "new" / "run"
+    assert main(["train", "--dataset", "cifar10", "--data-dir", str(tmp_path / "nothing"), *TINY,
+                 "--out", str(out)]) == 2
+    assert "--download" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_corrupt_dataset_files_are_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]:
+        (folder / name).write_bytes(b"garbage")
+    assert main(["train", "--dataset", "cifar10", "--data-dir", str(tmp_path), *TINY,
+                 "--out", str(tmp_path / "run")]) == 2
+    assert "integrity check" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_eval_checks_its_json_folder_before_evaluating(finished_run: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import demem_ext.training.checkpoint as checkpoint
+
+    monkeypatch.setattr(checkpoint, "load_checkpoint", lambda *a, **k: pytest.fail("loaded before the check"))
+    target = tmp_path / "missing" / "eval.json"
+    assert main(["eval", str(finished_run / CHECKPOINT_NAME), "--json", str(target)]) == 2
+    assert f"--json {target}: the folder {target.parent} does not exist" in capsys.readouterr().err
