@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from demem_ext.adversarial.robustness import check_autoattack
 from demem_ext.arguments import device, finite_float, nonnegative_float, nonnegative_int, positive_int
 from demem_ext.config import CLIP_SCOPES, PROXIES, SELECTIONS, THRESHOLDS, DeMemConfig
 from demem_ext.outputs import check_output_file, output_folder
@@ -166,6 +167,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from demem_ext.training import CHECKPOINT_NAME, torch_distributed_group, train
     from demem_ext.training.loop import privacy_report
 
+    check_autoattack(args.final_autoattack, "--final-autoattack")
     cfg = train_config_from_args(args)
     with torch_distributed_group(cfg.device) as main:  # under torchrun: one process per rank
         out = Path(args.out) if args.out else Path("runs") / f"{cfg.dataset}-{cfg.at}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -196,6 +198,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from demem_ext.training.checkpoint import load_checkpoint
     from demem_ext.training import TrainConfig, build
 
+    check_autoattack(args.autoattack)
     if args.json:
         check_output_file(Path(args.json), "--json")
     payload = load_checkpoint(args.checkpoint, expected_format="demem-ext/train-v1")
@@ -284,6 +287,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
     from demem_ext.reproduce import parse_configs, parse_seeds, reproduce
 
+    check_autoattack(args.autoattack or "standard")  # None: standard, or fast with --quick
     configs = parse_configs(args.configs)  # unknown slugs fail here, before anything runs
     keep_seeds = parse_seeds(args.keep_seeds)
     out = Path(args.out) if args.out else Path("runs") / f"reproduce-{args.dataset}{'-quick' if args.quick else ''}"

@@ -11,6 +11,19 @@ from torch.utils.data import DataLoader, Dataset
 from demem_ext.adversarial.attacks import eval_mode, pgd
 
 AUTOATTACK_VERSIONS = ("standard", "fast", "none")
+INSTALL_HINT = "pip install torchattacks"
+
+
+def check_autoattack(version: str, flag: str = "--autoattack") -> None:
+    """Before any work: a clear error when AutoAttack `version` (not "none") needs torchattacks and it is
+    not installed, naming the install command and the flag that turns AutoAttack off."""
+    if version == "none":
+        return
+    try:
+        import torchattacks  # noqa: F401
+    except ImportError:
+        raise ValueError(f"{flag} {version} needs torchattacks, which is not installed: {INSTALL_HINT}, "
+                         f"or pass {flag} none") from None
 
 
 def _batches(dataset: Dataset, batch_size: int, device: str | torch.device, limit: Optional[int]):
@@ -62,8 +75,10 @@ def autoattack_accuracy(model: nn.Module, dataset: Dataset, eps: float, num_clas
     version "standard": APGD-CE, APGD-T, FAB-T and Square (Croce & Hein 2020);
     "fast": APGD-CE and APGD-T only (the two that decide nearly all cases, much quicker on CPU).
     """
-    import torchattacks
-
+    try:
+        import torchattacks
+    except ImportError as exc:
+        raise ImportError(f"AutoAttack needs torchattacks: {INSTALL_HINT}") from exc
     if version not in AUTOATTACK_VERSIONS[:2]:
         raise ValueError(f"version must be 'standard' or 'fast', got {version!r}")
     ta_norm = {"linf": "Linf", "l2": "L2"}[norm]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -148,3 +149,15 @@ def test_eval_checks_its_json_folder_before_evaluating(finished_run: Path, tmp_p
     target = tmp_path / "missing" / "eval.json"
     assert main(["eval", str(finished_run / CHECKPOINT_NAME), "--json", str(target)]) == 2
     assert f"--json {target}: the folder {target.parent} does not exist" in capsys.readouterr().err
+
+
+def test_missing_torchattacks_is_a_clear_error(finished_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "torchattacks", None)  # import torchattacks raises ImportError
+    assert main(["eval", str(finished_run / CHECKPOINT_NAME)]) == 2
+    err = capsys.readouterr().err
+    assert "pip install torchattacks" in err and "--autoattack none" in err
+    assert main(["train", *TINY, "--final-autoattack", "fast", "--out", str(tmp_path / "r")]) == 2
+    assert "--final-autoattack none" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+    assert main(["eval", str(finished_run / CHECKPOINT_NAME), "--autoattack", "none", "--limit", "8"]) == 0
