@@ -16,7 +16,8 @@ from demem_ext.audit.shadow import missing_models, model_dir, prepare_masks, tra
 from demem_ext.ops.functional import NonFiniteError
 from demem_ext.reproduce.configs import Configuration
 from demem_ext.training import TrainConfig
-from demem_ext.training.checkpoint import load_checkpoint, write_text_atomic
+from demem_ext.training.checkpoint import load_checkpoint, read_json, write_text_atomic
+from demem_ext.training.metrics import read_rows
 
 EVAL_NAME = "eval_model0.json"
 DIVERGED_NAME = "diverged.json"
@@ -56,8 +57,8 @@ def divergence(c: Configuration, out: Path) -> Optional[dict[str, Any]]:
     path = out / c.folder / DIVERGED_NAME
     if not path.exists():
         return None
-    record = json.loads(path.read_text())
-    return record if record.get("config") == c.config.to_dict() else None
+    record = read_json(path)
+    return record if isinstance(record, dict) and record.get("config") == c.config.to_dict() else None
 
 
 def _record_divergence(c: Configuration, out: Path, model_id: int, exc: Exception,
@@ -66,7 +67,7 @@ def _record_divergence(c: Configuration, out: Path, model_id: int, exc: Exceptio
     if divergence(c, out) is not None:
         return
     metrics = model_dir(out / c.folder, model_id) / "metrics.jsonl"
-    epochs = len([line for line in metrics.read_text().splitlines() if line.strip()]) if metrics.exists() else 0
+    epochs = len(read_rows(metrics, log)) if metrics.exists() else 0
     record = {"config": c.config.to_dict(), "model": model_id, "epochs_completed": epochs, "error": str(exc)}
     write_text_atomic(json.dumps(record, indent=2), out / c.folder / DIVERGED_NAME)
     log(f"[{c.slug}] diverged: model {model_id} after {epochs} epochs: {exc}")
@@ -127,8 +128,8 @@ def _eval_settings(autoattack: str, limit: Optional[int]) -> dict[str, Any]:
 def _cached_evaluation(folder: Path, autoattack: str, limit: Optional[int]) -> Optional[dict[str, Any]]:
     path = folder / EVAL_NAME
     if path.exists():
-        cached = json.loads(path.read_text())
-        if cached.get("settings") == _eval_settings(autoattack, limit):
+        cached = read_json(path)
+        if isinstance(cached, dict) and cached.get("settings") == _eval_settings(autoattack, limit):
             return cached
     return None
 
@@ -177,5 +178,9 @@ def train_seconds(folder: Path, num_models: int) -> float:
     for i in range(num_models):
         path = model_dir(folder, i) / "metrics.jsonl"
         if path.exists():
-            total += sum(json.loads(line).get("seconds", 0.0) for line in path.read_text().splitlines() if line.strip())
+            total += sum(row.get("seconds", 0.0) for row in read_rows(path, _ignore))
     return total
+
+
+def _ignore(_: str) -> None:
+    pass

@@ -1,7 +1,9 @@
-"""Atomic checkpoint files: written to a temp file and renamed, loaded with weights_only=True."""
+"""Atomic run files: checkpoints (loaded with weights_only=True) and text files, written to a temp file and
+renamed; JSON files read back with errors naming the file."""
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -34,6 +36,14 @@ def save_checkpoint(payload: dict[str, Any], path: str | os.PathLike) -> None:
 def write_text_atomic(text: str, path: str | os.PathLike) -> None:
     """Write a text file (UTF-8) atomically, like save_checkpoint."""
     _atomic_write(path, lambda fh: fh.write(text.encode("utf-8")))
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """The JSON value in the file at path; a file that is not valid JSON is a ValueError naming it."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc}): restore or delete it") from None
 
 
 def load_checkpoint(path: str | os.PathLike, expected_format: Optional[str] = None) -> dict[str, Any]:

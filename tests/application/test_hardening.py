@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+from types import SimpleNamespace
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from demem_ext.training import CHECKPOINT_NAME, METRICS_NAME, TrainConfig, train
 
 TINY = ["--epochs", "1", "--attack-steps", "1", "--batch-size", "256", "--schedule", "none", "--no-progress"]
 TINY_CFG = TrainConfig(epochs=1, attack_steps=1, batch_size=256, schedule="none")  # the same run as TINY
+FEW = torch.arange(64)  # train_subset of tests that only need some epoch to run
 
 
 def _quiet(_: str) -> None:
@@ -161,3 +163,54 @@ def test_missing_torchattacks_is_a_clear_error(finished_run: Path, tmp_path: Pat
     assert "--final-autoattack none" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
     assert main(["eval", str(finished_run / CHECKPOINT_NAME), "--autoattack", "none", "--limit", "8"]) == 0
+
+
+def test_metrics_log_the_learning_rate_used_during_the_epoch(tmp_path: Path) -> None:
+    cfg = TrainConfig(epochs=2, batch_size=256, attack_steps=1, lr=0.05)  # cosine: 0.05, then 0.025
+    train(cfg, tmp_path, progress=False, log=_quiet, train_subset=FEW)
+    rows = [json.loads(line) for line in (tmp_path / METRICS_NAME).read_text().splitlines()]
+    assert [r["lr"] for r in rows] == pytest.approx([0.05, 0.025])
+
+
+@pytest.mark.parametrize("cfg, shown, hidden", [
+    (dict(use_demem=False), [], ["high-risk", "clip"]),
+    (dict(), ["high-risk"], ["clip"]),
+    (dict(demem={"max_grad_norm": 1.0}), ["high-risk", "clip"], []),
+], ids=["no-demem", "weighting", "clipping"])
+def test_epoch_line_shows_only_the_fractions_that_apply(tmp_path: Path, cfg: dict, shown: list[str],
+                                                        hidden: list[str]) -> None:
+    lines: list[str] = []
+    train(TrainConfig(epochs=1, batch_size=256, attack_steps=1, **cfg), tmp_path, progress=False,
+          log=lines.append, train_subset=FEW)
+    epoch_line = next(line for line in lines if line.startswith("epoch 1:"))
+    assert all(word in epoch_line for word in shown) and not any(word in epoch_line for word in hidden)
+
+
+def test_resume_trims_a_torn_last_metrics_line(finished_run: Path, tmp_path: Path) -> None:
+    run = _copy(finished_run, tmp_path)
+    metrics = run / METRICS_NAME
+    good = metrics.read_text()
+    metrics.write_text(good + '{"train_loss": 2.3, "ep')  # killed while appending epoch 2's line
+    lines: list[str] = []
+    cfg = TrainConfig(**{**TINY_CFG.to_dict(), "epochs": 2})
+    train(cfg, run, resume=True, progress=False, log=lines.append)
+    assert any("torn last line" in line and str(metrics) in line for line in lines)
+    assert [json.loads(line)["epoch"] for line in metrics.read_text().splitlines()] == [1]
+
+
+def test_json_errors_name_the_file(finished_run: Path, tmp_path: Path) -> None:
+    from demem_ext.reproduce.jobs import DIVERGED_NAME, EVAL_NAME, _cached_evaluation, divergence
+
+    run = _copy(finished_run, tmp_path)
+    metrics = run / METRICS_NAME
+    metrics.write_text("{bad\n" + metrics.read_text())
+    with pytest.raises(ValueError, match=f"{metrics}, line 1: not valid JSON"):
+        train(TINY_CFG, run, resume=True, progress=False, log=_quiet)
+    (tmp_path / EVAL_NAME).write_text("{")
+    with pytest.raises(ValueError, match=f"{tmp_path / EVAL_NAME} is not valid JSON"):
+        _cached_evaluation(tmp_path, "none", None)
+    config = SimpleNamespace(folder="pgd-at", config=TINY_CFG)  # the fields divergence() reads
+    (tmp_path / config.folder).mkdir(parents=True)
+    (tmp_path / config.folder / DIVERGED_NAME).write_text("not json")
+    with pytest.raises(ValueError, match=f"{DIVERGED_NAME} is not valid JSON"):
+        divergence(config, tmp_path)
