@@ -66,7 +66,7 @@ def test_metrics_and_checkpoint_contents(tmp_path: Path) -> None:
     cfg = TrainConfig(**{**TINY, "epochs": 2})
     train(cfg, tmp_path, progress=False, log=_quiet)
     payload = load_checkpoint(tmp_path / CHECKPOINT_NAME, expected_format="demem-ext/train-v1")
-    assert payload["epoch"] == 2 and payload["config"] == cfg.to_dict()
+    assert payload["epoch"] == 2 and payload["config"] == cfg.with_resolved_precision()[0].to_dict()
     assert {"model", "optimizer", "scheduler", "demem", "rng"} <= set(payload)
     rows = [json.loads(line) for line in (tmp_path / METRICS_NAME).read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2]
