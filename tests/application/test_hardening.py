@@ -214,3 +214,44 @@ def test_json_errors_name_the_file(finished_run: Path, tmp_path: Path) -> None:
     (tmp_path / config.folder / DIVERGED_NAME).write_text("not json")
     with pytest.raises(ValueError, match=f"{DIVERGED_NAME} is not valid JSON"):
         divergence(config, tmp_path)
+
+
+def _largest_entry_offset(path: Path) -> tuple[int, int]:
+    """(offset, size) of the largest stored entry's bytes in a torch.save zip file (tensor data)."""
+    import struct
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        info = max(archive.infolist(), key=lambda i: i.file_size)
+    with path.open("rb") as fh:
+        fh.seek(info.header_offset + 26)
+        name_length, extra_length = struct.unpack("<HH", fh.read(4))
+    return info.header_offset + 30 + name_length + extra_length, info.file_size
+
+
+def test_checkpoint_checksum_detects_flipped_bytes(finished_run: Path, tmp_path: Path) -> None:
+    from demem_ext.training.checkpoint import load_checkpoint
+
+    path = tmp_path / CHECKPOINT_NAME
+    shutil.copy(finished_run / CHECKPOINT_NAME, path)
+    offset, size = _largest_entry_offset(path)
+    data = bytearray(path.read_bytes())
+    for i in range(offset, offset + size, max(1, size // 50)):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=f"{path}.*fails its checksum"):
+        load_checkpoint(path)
+
+
+def test_checkpoints_without_a_checksum_still_load(finished_run: Path, tmp_path: Path) -> None:
+    from demem_ext.training.checkpoint import CHECKSUM_KEY, load_checkpoint
+
+    payload = torch.load(finished_run / CHECKPOINT_NAME, weights_only=True)
+    assert CHECKSUM_KEY in payload
+    payload["model"][next(k for k, v in payload["model"].items() if v.is_floating_point())] += 1
+    torch.save(payload, tmp_path / "tampered.pt")  # changed, old checksum kept
+    with pytest.raises(ValueError, match="fails its checksum"):
+        load_checkpoint(tmp_path / "tampered.pt")
+    del payload[CHECKSUM_KEY]
+    torch.save(payload, tmp_path / "old.pt")  # as written before checksums
+    assert load_checkpoint(tmp_path / "old.pt")["epoch"] == 1
