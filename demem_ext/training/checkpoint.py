@@ -3,6 +3,7 @@ a temp file and renamed; JSON files read back with errors naming the file."""
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -15,12 +16,33 @@ import torch
 CHECKSUM_KEY = "sha256"  # of the rest of the payload (payload_digest); absent from older checkpoints
 
 
+def _umask() -> int:
+    """The process's umask (from /proc where it is there: setting it to read it races other threads)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
-    """write(fh) into a temp file next to path, then rename: a reader sees the old file or the new one."""
+    """write(fh) into a temp file next to path, then rename: a reader sees the old file or the new one.
+
+    The file gets the mode an ordinary open() would (0o666 less the umask, not mkstemp's 0o600); temp files of
+    path left by a killed writer are removed first.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    prefix = f".{path.name}."
+    for stale in path.parent.glob(f"{glob.escape(prefix)}*.tmp"):
+        stale.unlink(missing_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as fh:
             write(fh)
             fh.flush()

@@ -255,3 +255,28 @@ def test_checkpoints_without_a_checksum_still_load(finished_run: Path, tmp_path:
     del payload[CHECKSUM_KEY]
     torch.save(payload, tmp_path / "old.pt")  # as written before checksums
     assert load_checkpoint(tmp_path / "old.pt")["epoch"] == 1
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_written_files_respect_the_umask(tmp_path: Path, umask: int, mode: int) -> None:
+    import os
+
+    from demem_ext.training.checkpoint import save_checkpoint, write_text_atomic
+
+    old = os.umask(umask)
+    try:
+        save_checkpoint({"format": "x"}, tmp_path / "c.pt")
+        write_text_atomic("{}", tmp_path / "a.json")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "c.pt").stat().st_mode & 0o777 == mode
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == mode
+
+
+def test_saving_removes_stale_temp_files_of_that_file(tmp_path: Path) -> None:
+    from demem_ext.training.checkpoint import save_checkpoint
+
+    (tmp_path / f".{CHECKPOINT_NAME}.k1ll3d.tmp").write_bytes(b"half a checkpoint")
+    (tmp_path / ".stats.pt.other.tmp").write_bytes(b"another file's")
+    save_checkpoint({"format": "x"}, tmp_path / CHECKPOINT_NAME)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".stats.pt.other.tmp", CHECKPOINT_NAME]
