@@ -42,6 +42,19 @@ def nonnegative_float(text: str) -> float:
     return value
 
 
+def device_available(name: str) -> bool:
+    """Whether the device `name` (cpu, cuda, cuda:N) exists on this machine."""
+    import torch
+
+    try:
+        parsed = torch.device(name)
+    except RuntimeError:
+        return False
+    if parsed.type != "cuda":
+        return parsed.type == "cpu"
+    return torch.cuda.is_available() and (parsed.index or 0) < torch.cuda.device_count()
+
+
 def device(text: str) -> str:
     """"cpu", "cuda" or "cuda:N" where that device exists here."""
     import torch

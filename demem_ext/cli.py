@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from demem_ext.adversarial.robustness import check_autoattack
-from demem_ext.arguments import device, finite_float, nonnegative_float, nonnegative_int, positive_int
+from demem_ext.arguments import device, device_available, finite_float, nonnegative_float, nonnegative_int, positive_int
 from demem_ext.config import CLIP_SCOPES, PROXIES, SELECTIONS, THRESHOLDS, DeMemConfig
 from demem_ext.outputs import check_output_file, output_folder
 from demem_ext.training import OPTIMIZERS, PATHS, SCHEDULES, TrainConfig
@@ -142,10 +142,13 @@ def _resume_epochs(args: argparse.Namespace, ckpt: Path) -> Optional[int]:
     """With --resume: check that the checkpoint exists, warn about every ignored flag, and return the
     --epochs to train on to when it was given (None: the run's own)."""
     from demem_ext.training.checkpoint import load_checkpoint
+    from demem_ext.training.validate import check_payload
 
     if not ckpt.is_file():
         raise FileNotFoundError(f"--resume: there is no checkpoint {ckpt} to continue (check --out)")
-    stored = load_checkpoint(ckpt, expected_format="demem-ext/train-v1")["config"]
+    payload = load_checkpoint(ckpt, expected_format="demem-ext/train-v1")
+    check_payload(payload, str(ckpt))
+    stored = payload["config"]
     given = given_train_flags(args.argv)
     ignored = ignored_on_resume(given, stored)
     if ignored:
@@ -195,23 +198,25 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from demem_ext.adversarial.robustness import evaluate
+    from demem_ext.training import build
     from demem_ext.training.checkpoint import load_checkpoint
-    from demem_ext.training import TrainConfig, build
+    from demem_ext.training.validate import check_model_state, check_payload
 
     check_autoattack(args.autoattack)
     if args.json:
         check_output_file(Path(args.json), "--json")
     payload = load_checkpoint(args.checkpoint, expected_format="demem-ext/train-v1")
-    cfg = TrainConfig.from_dict(payload["config"])
-    if args.device is not None:
-        cfg = dataclasses.replace(cfg, device=args.device)
-    if args.data_dir is not None:
-        cfg = dataclasses.replace(cfg, data_dir=args.data_dir)
-    state = build(dataclasses.replace(cfg, use_demem=False))
-    try:
-        state.model.load_state_dict(payload["model"])
-    except (RuntimeError, KeyError) as exc:
-        raise ValueError(f"checkpoint {args.checkpoint!r} does not match its model {cfg.model!r}: {exc}") from exc
+    cfg = check_payload(payload, args.checkpoint)
+    device = args.device
+    if device is None:
+        device = cfg.device if device_available(cfg.device) else "cpu"
+        if device != cfg.device:
+            print(f"the checkpoint was trained on {cfg.device}, which is not here: evaluating on cpu")
+    # the data source comes from eval's own flags only: never a stored data_dir or download=True
+    cfg = dataclasses.replace(cfg, device=device, data_dir=args.data_dir, download=False, use_demem=False)
+    state = build(cfg)
+    check_model_state(payload["model"], state.model, args.checkpoint)
+    state.model.load_state_dict(payload["model"])
     eps = cfg.eps if args.eps is None else args.eps
     result = evaluate(state.model, state.test_set, eps, state.info.num_classes, clamp=state.info.input_range,
                       pgd_steps=args.pgd_steps, autoattack=args.autoattack, batch_size=args.batch_size,

@@ -143,8 +143,8 @@ def evaluate_model0(folder: Path, autoattack: str, limit: Optional[int]) -> dict
     if cached is not None:
         return cached
     start = time.perf_counter()
-    payload = load_checkpoint(model_dir(folder, 0) / "checkpoint.pt", expected_format="demem-ext/train-v1")
-    state = restore(payload)
+    path = model_dir(folder, 0) / "checkpoint.pt"
+    state = restore(load_checkpoint(path, expected_format="demem-ext/train-v1"), str(path))
     cfg = state.config
     result = evaluate(state.model, state.test_set, cfg.eps, state.info.num_classes, clamp=state.info.input_range,
                       autoattack=autoattack, device=cfg.device, limit=limit, seed=cfg.seed)

@@ -35,6 +35,7 @@ from demem_ext.middleware import DeMem
 from demem_ext.sampling import collate_allowing_empty
 from demem_ext.training.models import build_model, has_batchnorm
 from demem_ext.training.resume import extended_payload
+from demem_ext.training.validate import check_model_state, check_payload, loading
 from demem_ext.training.precision import autocast, model_to_memory_format, to_memory_format
 
 @dataclass
@@ -327,19 +328,30 @@ def checkpoint_payload(state: TrainState) -> dict[str, Any]:
     }
 
 
-def restore(payload: dict[str, Any]) -> TrainState:
-    """Rebuild a run from a checkpoint payload, exactly where it stopped."""
-    state = build(TrainConfig.from_dict(payload["config"]), payload.get("train_subset"))
+def restore(payload: dict[str, Any], source: str = "checkpoint") -> TrainState:
+    """Rebuild a run from a checkpoint payload, exactly where it stopped; a payload that does not fit its
+    configuration is a ValueError naming `source` (the file) and the field."""
+    cfg = check_payload(payload, source)
+    with loading(source, "config or train_subset"):
+        state = build(cfg, payload["train_subset"])
+    check_model_state(payload["model"], state.model, source)
     state.model.load_state_dict(payload["model"])
-    state.optimizer.load_state_dict(payload["optimizer"])
+    with loading(source, "optimizer"):
+        state.optimizer.load_state_dict(payload["optimizer"])
     if state.scheduler is not None and payload["scheduler"] is not None:
-        state.scheduler.load_state_dict(payload["scheduler"])
+        with loading(source, "scheduler"):
+            state.scheduler.load_state_dict(payload["scheduler"])
     if state.demem is not None and payload["demem"] is not None:
-        state.demem.load_state_dict(payload["demem"])
-    state.epoch = int(payload["epoch"])
-    if state.loss_record is not None and payload.get("loss_record") is not None:
-        state.loss_record = payload["loss_record"]
-    _set_rng_state(payload["rng"])
+        with loading(source, "demem"):
+            state.demem.load_state_dict(payload["demem"])
+    state.epoch = payload["epoch"]
+    record = payload.get("loss_record")
+    if state.loss_record is not None and record is not None:
+        if not isinstance(record, torch.Tensor) or record.shape != state.loss_record.shape:
+            raise ValueError(f"{source}: field loss_record: expected shape {list(state.loss_record.shape)}")
+        state.loss_record = record
+    with loading(source, "rng"):
+        _set_rng_state(payload["rng"])
     return state
 
 
@@ -364,9 +376,9 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike, resume: bool = False, pr
         payload = load_checkpoint(ckpt_path, expected_format="demem-ext/train-v1")
         if epochs is not None:
             payload = extended_payload(payload, epochs, ckpt_path)
-        if payload["config"] != cfg.to_dict():
+        if payload.get("config") != cfg.to_dict():
             log("resuming with the configuration stored in the checkpoint")
-        state = restore(payload)
+        state = restore(payload, str(ckpt_path))
         log(f"resumed from {ckpt_path} after epoch {state.epoch}")
     else:
         if ckpt_path.exists():

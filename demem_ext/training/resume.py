@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from demem_ext.training.config import TrainConfig
+from demem_ext.training.validate import check_config
 
 
 def extended_payload(payload: dict[str, Any], epochs: int, path: str | os.PathLike) -> dict[str, Any]:
@@ -15,7 +15,7 @@ def extended_payload(payload: dict[str, Any], epochs: int, path: str | os.PathLi
     count: no learning-rate schedule, no noise calibrated to a target ε, no per-epoch loss record.
     Anything else is refused with the reason, as is shortening a run.
     """
-    stored = TrainConfig.from_dict(payload["config"])
+    stored = check_config(payload.get("config"), str(path))
     if epochs == stored.epochs:
         return payload
     if epochs < stored.epochs:

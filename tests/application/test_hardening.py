@@ -280,3 +280,73 @@ def test_saving_removes_stale_temp_files_of_that_file(tmp_path: Path) -> None:
     (tmp_path / ".stats.pt.other.tmp").write_bytes(b"another file's")
     save_checkpoint({"format": "x"}, tmp_path / CHECKPOINT_NAME)
     assert sorted(p.name for p in tmp_path.iterdir()) == [".stats.pt.other.tmp", CHECKPOINT_NAME]
+
+
+def _set(payload: dict, path: tuple, value) -> None:
+    for key in path[:-1]:
+        payload = payload[key]
+    payload[path[-1]] = value
+
+
+def _first_weight(payload: dict) -> str:
+    return next(k for k, v in payload["model"].items() if v.is_floating_point())
+
+
+@pytest.mark.parametrize("tamper, match", [
+    (lambda p: p.pop("optimizer"), "missing field.*optimizer"),
+    (lambda p: _set(p, ("epoch",), -5), "field epoch"),
+    (lambda p: _set(p, ("epoch",), 7), "field epoch"),
+    (lambda p: _set(p, ("config", "eps"), "0.1"), "field config.eps"),
+    (lambda p: _set(p, ("config", "lr"), float("nan")), "field config.lr"),
+    (lambda p: _set(p, ("config", "bogus"), 1), "bogus"),
+    (lambda p: _set(p, ("model", _first_weight(p)), p["model"][_first_weight(p)].long()), "field model.*int64"),
+    (lambda p: p["model"][_first_weight(p)].view(-1).__setitem__(0, float("nan")), "field model.*NaN"),
+    (lambda p: p["model"].pop(_first_weight(p)), "field model: does not match"),
+    (lambda p: _set(p, ("train_subset",), torch.tensor([0.5, 1.5])), "field train_subset"),
+    (lambda p: _set(p, ("train_subset",), torch.tensor([0, 10**6])), "train_subset"),
+    (lambda p: _set(p, ("rng", "torch"), p["rng"]["torch"][:100]), "field rng: torch"),
+    (lambda p: _set(p, ("optimizer", "param_groups"), []), "field optimizer"),
+], ids=["missing-key", "negative-epoch", "epoch-past-the-end", "config-type", "config-nan", "config-unknown",
+        "int64-weights", "nan-weights", "missing-weight", "float-subset", "subset-out-of-range", "short-rng",
+        "optimizer"])
+def test_structural_tampering_is_a_clear_error(finished_run: Path, tmp_path: Path, tamper, match: str) -> None:
+    from demem_ext.training import restore
+    from demem_ext.training.checkpoint import load_checkpoint, save_checkpoint
+
+    payload = load_checkpoint(finished_run / CHECKPOINT_NAME)
+    tamper(payload)
+    path = tmp_path / CHECKPOINT_NAME
+    save_checkpoint(payload, path)  # a consistent checksum: only the structure is wrong
+    with pytest.raises(ValueError, match=match) as err:
+        restore(load_checkpoint(path), str(path))
+    assert str(path) in str(err.value)
+
+
+def test_eval_takes_its_data_source_from_its_own_flags(finished_run: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from demem_ext.training.checkpoint import load_checkpoint, save_checkpoint
+
+    payload = load_checkpoint(finished_run / CHECKPOINT_NAME)
+    crafted = tmp_path / "crafted"
+    payload["config"].update(dataset="cifar10", download=True, data_dir=str(crafted))
+    save_checkpoint(payload, tmp_path / "c.pt")
+    monkeypatch.chdir(tmp_path)  # eval's default --data-dir: ./data
+    assert main(["eval", str(tmp_path / "c.pt"), "--autoattack", "none"]) == 2
+    err = capsys.readouterr().err
+    assert "data_dir='data'" in err and "--download" in err and str(crafted) not in err
+    assert not crafted.exists()
+    assert main(["eval", str(tmp_path / "c.pt"), "--autoattack", "none", "--data-dir", str(tmp_path / "d")]) == 2
+    assert str(tmp_path / "d") in capsys.readouterr().err and not crafted.exists()
+
+
+def test_eval_of_a_cuda_checkpoint_falls_back_to_the_cpu(finished_run: Path, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    from demem_ext.training.checkpoint import load_checkpoint, save_checkpoint
+
+    payload = load_checkpoint(finished_run / CHECKPOINT_NAME)
+    payload["config"]["device"] = "cuda:7"  # not on this machine
+    save_checkpoint(payload, tmp_path / "c.pt")
+    assert main(["eval", str(tmp_path / "c.pt"), "--autoattack", "none", "--limit", "8"]) == 0
+    assert "evaluating on cpu" in capsys.readouterr().out
+
