@@ -350,3 +350,32 @@ def test_eval_of_a_cuda_checkpoint_falls_back_to_the_cpu(finished_run: Path, tmp
     assert main(["eval", str(tmp_path / "c.pt"), "--autoattack", "none", "--limit", "8"]) == 0
     assert "evaluating on cpu" in capsys.readouterr().out
 
+
+def test_a_shadow_model_locked_by_another_process_is_skipped_and_reported(tmp_path: Path) -> None:
+    from demem_ext.audit.lock import model_lock
+    from demem_ext.audit.shadow import model_dir, train_shadow_models
+
+    lines: list[str] = []
+    with model_lock(model_dir(tmp_path, 0)) as locked:  # another open file: the same as another process
+        assert locked
+        trained = train_shadow_models(TINY_CFG, tmp_path, num_models=2, shard=(0, 2), log=lines.append)
+    assert trained == [] and not (model_dir(tmp_path, 0) / CHECKPOINT_NAME).exists()
+    assert any("shadow model 1/2: skipped, another process is training it" in line for line in lines)
+
+
+def test_audit_files_of_the_wrong_shape_or_type_are_clear_errors(tmp_path: Path) -> None:
+    from demem_ext.audit.shadow import KEEP_FORMAT, STATS_FORMAT, load_stats, model_dir, prepare_masks
+    from demem_ext.training.checkpoint import load_checkpoint, save_checkpoint
+
+    keep = prepare_masks(TINY_CFG, tmp_path, 2, 0)
+    for i in range(2):  # stats whose `correct` is not boolean
+        save_checkpoint({"format": STATS_FORMAT, "keep": keep[i], "correct": keep[i].float(),
+                         "adv_correct": keep[i]}, model_dir(tmp_path, i) / "stats.pt")
+    with pytest.raises(ValueError, match="stats.pt: field correct: expected torch.bool"):
+        load_stats(tmp_path)
+    saved = load_checkpoint(tmp_path / "keep.pt", expected_format=KEEP_FORMAT)
+    save_checkpoint({**saved, "keep": saved["keep"][:, :100]}, tmp_path / "keep.pt")  # cut short
+    with pytest.raises(ValueError, match="keep.pt: field keep"):
+        prepare_masks(TINY_CFG, tmp_path, 2, 0)
+    with pytest.raises(ValueError, match="keep.pt: field keep"):
+        load_stats(tmp_path)
