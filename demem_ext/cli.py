@@ -187,7 +187,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     result = evaluate(state.model, state.test_set, state.config.eps, state.info.num_classes,
                       clamp=state.info.input_range, autoattack=args.final_autoattack,
-                      device=state.device, seed=state.config.seed)
+                      device=state.device, seed=state.config.seed, progress=not args.no_progress)
     result.update(privacy_report(state))
     result["train_seconds"] = round(seconds, 1)
     result["checkpoint"] = str(out / CHECKPOINT_NAME)
@@ -220,7 +220,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     eps = cfg.eps if args.eps is None else args.eps
     result = evaluate(state.model, state.test_set, eps, state.info.num_classes, clamp=state.info.input_range,
                       pgd_steps=args.pgd_steps, autoattack=args.autoattack, batch_size=args.batch_size,
-                      device=cfg.device, limit=args.limit, seed=args.seed)
+                      device=cfg.device, limit=args.limit, seed=args.seed, progress=not args.no_progress)
     result["checkpoint"] = str(args.checkpoint)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
@@ -332,6 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the result to this file")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (one per attack, with an ETA)")
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
     p.set_defaults(func=cmd_eval)
     p = sub.add_parser("audit", help="membership-inference audit of a training configuration (shadow models)")

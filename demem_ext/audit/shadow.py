@@ -13,6 +13,7 @@ logits of every query augmentation (`demem_ext.audit.queries`) as aug_logits / a
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -21,6 +22,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from demem_ext.audit.lock import LOCK_NAME, model_lock
+from demem_ext.eta import progress_text
 from demem_ext.audit.queries import query_logits, query_transforms
 from demem_ext.adversarial.robustness import natural_accuracy, pgd_accuracy
 from demem_ext.training.checkpoint import load_checkpoint, save_checkpoint
@@ -117,12 +119,12 @@ def train_shadow_models(cfg: TrainConfig, out_dir: str | Path, num_models: int =
                                               seed=cfg.split_seed)
     keep = _load_or_create_keep(out, cfg, num_models, len(population), seed)
     index, count = shard
+    todo = [i for i in range(index, num_models, count) if not (model_dir(out, i) / "stats.pt").exists()]
     trained = []
-    for model_id in range(index, num_models, count):
+    start = time.perf_counter()
+    for done, model_id in enumerate(todo, 1):
         folder = model_dir(out, model_id)
         stats_path = folder / "stats.pt"
-        if stats_path.exists():
-            continue
         with model_lock(folder) as locked:
             if not locked:
                 log(f"shadow model {model_id + 1}/{num_models}: skipped, another process is training it "
@@ -133,6 +135,8 @@ def train_shadow_models(cfg: TrainConfig, out_dir: str | Path, num_models: int =
             _train_one(cfg, folder, model_id, num_models, keep, population, test_set, info.input_range,
                        progress, log)
         trained.append(model_id)
+        log(f"shadow model {model_id + 1}/{num_models} done; this run's models: "
+            f"{progress_text(time.perf_counter() - start, done, len(todo))}")
     return trained
 
 

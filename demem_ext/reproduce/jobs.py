@@ -13,6 +13,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from demem_ext.audit.shadow import missing_models, model_dir, prepare_masks, train_shadow_models
+from demem_ext.eta import progress_text
 from demem_ext.ops.functional import NonFiniteError
 from demem_ext.reproduce.configs import Configuration
 from demem_ext.training import TrainConfig
@@ -87,11 +88,13 @@ def train_all(selected: Sequence[Configuration], out: Path, num_models: int, kee
         return trained
     for c in live:
         prepare_masks(c.config, out / c.folder, num_models, keep_seed)  # before workers race; refuses a mismatch
+    start = time.perf_counter()
     if pool.jobs <= 1:
-        for c, i in todo:
+        for done, (c, i) in enumerate(todo):
             if divergence(c, out) is not None:
                 continue
-            log(f"[{c.slug}] training shadow model {i + 1}/{num_models} ({c.name})")
+            log(f"[{c.slug}] training shadow model {i + 1}/{num_models} ({c.name}); all models: "
+                f"{progress_text(time.perf_counter() - start, done, len(todo))}")
             try:
                 trained[c.folder] += train_shadow_models(c.config, out / c.folder, num_models=num_models,
                                                          seed=keep_seed, shard=(i, num_models), progress=progress,
@@ -115,7 +118,7 @@ def train_all(selected: Sequence[Configuration], out: Path, num_models: int, kee
                 if c2 is c:
                     other.cancel()  # models of c not started yet
             continue
-        log(f"[{c.slug}] model {i} done ({done}/{len(todo)})")
+        log(f"[{c.slug}] model {i} done; all models: {progress_text(time.perf_counter() - start, done, len(todo))}")
     for ids in trained.values():
         ids.sort()
     return trained

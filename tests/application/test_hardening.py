@@ -379,3 +379,21 @@ def test_audit_files_of_the_wrong_shape_or_type_are_clear_errors(tmp_path: Path)
         prepare_masks(TINY_CFG, tmp_path, 2, 0)
     with pytest.raises(ValueError, match="keep.pt: field keep"):
         load_stats(tmp_path)
+
+
+def test_eval_shows_a_progress_bar_per_attack(finished_run: Path, capsys: pytest.CaptureFixture) -> None:
+    checkpoint = str(finished_run / CHECKPOINT_NAME)
+    assert main(["eval", checkpoint, "--autoattack", "none", "--limit", "8"]) == 0
+    err = capsys.readouterr().err
+    assert "natural" in err and "PGD-20" in err
+    assert main(["eval", checkpoint, "--autoattack", "none", "--limit", "8", "--no-progress"]) == 0
+    assert "PGD-20" not in capsys.readouterr().err
+
+
+def test_remaining_time_estimates() -> None:
+    from demem_ext.eta import duration, progress_text
+
+    assert progress_text(60.0, 2, 4) == "2/4 done, about 60 s left"
+    assert progress_text(600.0, 1, 4) == "1/4 done, about 30 min left"
+    assert progress_text(5.0, 4, 4) == "4/4 done" and progress_text(0.0, 0, 3) == "0/3 done"
+    assert duration(9000) == "2.5 h"
