@@ -115,7 +115,7 @@ def environment(device: torch.device) -> dict[str, Any]:
 def add_bench_args(p: argparse.ArgumentParser) -> None:
     """The flags of `demem bench`."""
     p.add_argument("--quick", action="store_true",
-                   help="tiny shapes, the CNN only, a few steps (a smoke run, seconds; not for numbers)")
+                   help="tiny shapes, the CNN only, a few steps (a smoke run, about a minute; not for numbers)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--model", default=None, choices=["cnn", "resnet18", "all"],
                    help="training-step table model(s) (default: all; cnn with --quick)")
