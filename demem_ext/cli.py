@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from demem_ext.adversarial.robustness import check_autoattack
-from demem_ext.arguments import device, device_available, finite_float, nonnegative_float, nonnegative_int, positive_int
+from demem_ext.arguments import (device, device_available, finite_float, nonnegative_float, nonnegative_int,
+                                 positive_int)
 from demem_ext.config import CLIP_SCOPES, PROXIES, SELECTIONS, THRESHOLDS, DeMemConfig
 from demem_ext.outputs import check_output_file, output_folder
 from demem_ext.training import OPTIMIZERS, PATHS, SCHEDULES, TrainConfig
@@ -207,13 +208,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
         check_output_file(Path(args.json), "--json")
     payload = load_checkpoint(args.checkpoint, expected_format="demem-ext/train-v1")
     cfg = check_payload(payload, args.checkpoint)
-    device = args.device
-    if device is None:
-        device = cfg.device if device_available(cfg.device) else "cpu"
-        if device != cfg.device:
+    where = args.device
+    if where is None:
+        where = cfg.device if device_available(cfg.device) else "cpu"
+        if where != cfg.device:
             print(f"the checkpoint was trained on {cfg.device}, which is not here: evaluating on cpu")
     # the data source comes from eval's own flags only: never a stored data_dir or download=True
-    cfg = dataclasses.replace(cfg, device=device, data_dir=args.data_dir, download=False, use_demem=False)
+    cfg = dataclasses.replace(cfg, device=where, data_dir=args.data_dir, download=False, use_demem=False)
     state = build(cfg)
     check_model_state(payload["model"], state.model, args.checkpoint)
     state.model.load_state_dict(payload["model"])

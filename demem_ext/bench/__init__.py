@@ -124,6 +124,7 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--skip", default=None, choices=["fused", "training"], help="leave out one table")
     p.add_argument("--json", default=None, metavar="PATH", help="also write both tables as JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress lines and bars on stderr")
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
 
 
@@ -131,13 +132,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
     """`demem bench`: the fused-op table, then the training-step table."""
     from demem_ext.bench import fused, training
 
+    from pathlib import Path
+
+    from demem_ext.outputs import check_output_file
+
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda but no CUDA device is available")
+    if args.json:
+        check_output_file(Path(args.json), "--json")  # before minutes of benchmarking
     result: dict[str, Any] = {"env": environment(device)}
     rc = 0
     if args.skip != "fused":
-        out = fused.benchmark(device, quick=args.quick, repeats=args.repeats)
+        out = fused.benchmark(device, quick=args.quick, repeats=args.repeats, progress=not args.no_progress)
         print(fused.format_table(out))
         result["fused"] = out
         rc = max(rc, 0 if out["rows"] else 2)
@@ -148,7 +155,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         result["training"] = []
         for name in names:
             out = training.benchmark(name, device, quick=args.quick, steps=args.steps,
-                                     memory=not args.no_memory)
+                                     memory=not args.no_memory, progress=not args.no_progress)
             print(training.format_table(out))
             print()
             result["training"].append(out)

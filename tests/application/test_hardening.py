@@ -397,3 +397,9 @@ def test_remaining_time_estimates() -> None:
     assert progress_text(600.0, 1, 4) == "1/4 done, about 30 min left"
     assert progress_text(5.0, 4, 4) == "4/4 done" and progress_text(0.0, 0, 3) == "0/3 done"
     assert duration(9000) == "2.5 h"
+
+
+def test_bench_checks_its_json_folder_before_benchmarking(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    target = tmp_path / "missing" / "bench.json"
+    assert main(["bench", "--quick", "--json", str(target)]) == 2
+    assert f"--json {target}: the folder {target.parent} does not exist" in capsys.readouterr().err
