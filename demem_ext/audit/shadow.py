@@ -13,6 +13,7 @@ logits of every query augmentation (`demem_ext.audit.queries`) as aug_logits / a
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -20,6 +21,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from demem_ext.audit.lock import LOCK_NAME, model_lock
+from demem_ext.eta import progress_text
 from demem_ext.audit.queries import query_logits, query_transforms
 from demem_ext.adversarial.robustness import natural_accuracy, pgd_accuracy
 from demem_ext.training.checkpoint import load_checkpoint, save_checkpoint
@@ -74,12 +77,13 @@ def _load_or_create_keep(out_dir: Path, cfg: TrainConfig, num_models: int, num_s
     settings = {"num_models": num_models, "num_samples": num_samples, "seed": seed, "config": cfg.to_dict()}
     if path.exists():
         saved = load_checkpoint(path, expected_format=KEEP_FORMAT)
-        stored = saved["settings"]
+        stored = saved.get("settings") or {}
         same_run = {k: stored.get(k) for k in ("num_models", "num_samples", "seed")} == {
             k: settings[k] for k in ("num_models", "num_samples", "seed")}
         if not (same_run and cfg.matches(stored.get("config"))):
-            raise ValueError(f"{path} was made with other settings ({saved['settings']}); "
+            raise ValueError(f"{path} was made with other settings ({saved.get('settings')}); "
                              f"use another --out or the same configuration")
+        _check_tensor(saved.get("keep"), torch.bool, (num_models, num_samples), path, "keep")
         return saved["keep"]
     keep = inclusion_masks(num_models, num_samples, seed)
     save_checkpoint({"format": KEEP_FORMAT, "keep": keep, "settings": settings}, path)
@@ -109,7 +113,8 @@ def train_shadow_models(cfg: TrainConfig, out_dir: str | Path, num_models: int =
                         log: Callable[[str], None] = print) -> list[int]:
     """Train this shard's shadow models (model i has training seed cfg.seed + i) and save their stats.
 
-    Finished models (stats.pt present) are skipped; an unfinished one resumes from its checkpoint.
+    Finished models (stats.pt present) are skipped; an unfinished one resumes from its checkpoint. A model
+    another process is training (its lock is held, `demem_ext.audit.lock`) is skipped and logged.
     Returns the ids of the models this call trained.
     """
     out = Path(out_dir)
@@ -117,39 +122,58 @@ def train_shadow_models(cfg: TrainConfig, out_dir: str | Path, num_models: int =
                                               seed=cfg.split_seed)
     keep = _load_or_create_keep(out, cfg, num_models, len(population), seed)
     index, count = shard
+    todo = [i for i in range(index, num_models, count) if not (model_dir(out, i) / "stats.pt").exists()]
     trained = []
-    for model_id in range(index, num_models, count):
+    start = time.perf_counter()
+    for done, model_id in enumerate(todo, 1):
         folder = model_dir(out, model_id)
         stats_path = folder / "stats.pt"
-        if stats_path.exists():
-            continue
-        model_cfg = dataclasses.replace(cfg, seed=cfg.seed + model_id, record_losses=True)  # proxy screening
-        subset = keep[model_id].nonzero().flatten()
-        resolved, reason = model_cfg.with_resolved_precision()
-        log(f"shadow model {model_id + 1}/{num_models}: training on {len(subset)} of {len(population)} samples "
-            f"in {resolved.precision}, {resolved.memory_format} ({reason})")
-        state = train(model_cfg, folder, resume=True, progress=progress, log=lambda _: None,
-                      train_subset=subset)
-        stats = population_stats(state.model, population, model_cfg, info.input_range)
-        test_acc = natural_accuracy(state.model, test_set, device=cfg.device)
-        torch.manual_seed(model_cfg.seed)
-        test_pgd = pgd_accuracy(state.model, test_set, cfg.eps, 20, clamp=info.input_range, device=cfg.device)
-        payload: dict[str, Any] = {"format": STATS_FORMAT, "model_id": model_id, "keep": keep[model_id],
-                                   "test_natural_acc": test_acc, "test_pgd20_acc": test_pgd,
-                                   "demem": state.demem.state_dict() if state.demem is not None else None,
-                                   "num_train": len(subset), "loss_record": state.loss_record,
-                                   "precision": state.config.precision, "memory_format": state.config.memory_format,
-                                   "precision_reason": state.precision_reason, **stats}
-        save_checkpoint(payload, stats_path)
+        with model_lock(folder) as locked:
+            if not locked:
+                log(f"shadow model {model_id + 1}/{num_models}: skipped, another process is training it "
+                    f"(it holds {folder / LOCK_NAME})")
+                continue
+            if stats_path.exists():  # finished by another process meanwhile
+                continue
+            _train_one(cfg, folder, model_id, num_models, keep, population, test_set, info.input_range,
+                       progress, log)
         trained.append(model_id)
+        log(f"shadow model {model_id + 1}/{num_models} done; this run's models: "
+            f"{progress_text(time.perf_counter() - start, done, len(todo))}")
     return trained
+
+
+def _train_one(cfg: TrainConfig, folder: Path, model_id: int, num_models: int, keep: torch.Tensor,
+               population: Dataset, test_set: Dataset, clamp: tuple[float, float], progress: bool,
+               log: Callable[[str], None]) -> None:
+    """Train (or resume) shadow model model_id in folder and write its stats.pt."""
+    model_cfg = dataclasses.replace(cfg, seed=cfg.seed + model_id, record_losses=True)  # proxy screening
+    subset = keep[model_id].nonzero().flatten()
+    resolved, reason = model_cfg.with_resolved_precision()
+    log(f"shadow model {model_id + 1}/{num_models}: training on {len(subset)} of {len(population)} samples "
+        f"in {resolved.precision}, {resolved.memory_format} ({reason})")
+    state = train(model_cfg, folder, resume=True, progress=progress, log=lambda _: None, train_subset=subset)
+    stats = population_stats(state.model, population, model_cfg, clamp)
+    test_acc = natural_accuracy(state.model, test_set, device=cfg.device)
+    torch.manual_seed(model_cfg.seed)
+    test_pgd = pgd_accuracy(state.model, test_set, cfg.eps, 20, clamp=clamp, device=cfg.device)
+    payload: dict[str, Any] = {"format": STATS_FORMAT, "model_id": model_id, "keep": keep[model_id],
+                               "test_natural_acc": test_acc, "test_pgd20_acc": test_pgd,
+                               "demem": state.demem.state_dict() if state.demem is not None else None,
+                               "num_train": len(subset), "loss_record": state.loss_record,
+                               "precision": state.config.precision, "memory_format": state.config.memory_format,
+                               "precision_reason": state.precision_reason, **stats}
+    save_checkpoint(payload, folder / "stats.pt")
 
 
 def load_stats(out_dir: str | Path, num_models: Optional[int] = None) -> dict[str, Any]:
     """Merge every model's stats.pt into [M, N, ...] tensors; a missing model is a clear error."""
     out = Path(out_dir)
     saved = load_checkpoint(out / "keep.pt", expected_format=KEEP_FORMAT)
-    keep = saved["keep"]
+    settings = saved.get("settings") if isinstance(saved.get("settings"), dict) else {}
+    keep = saved.get("keep")
+    _check_tensor(keep, torch.bool, (settings.get("num_models"), settings.get("num_samples")), out / "keep.pt",
+                  "keep")
     m = keep.shape[0] if num_models is None else num_models
     if m != keep.shape[0]:
         raise ValueError(f"{out / 'keep.pt'} holds {keep.shape[0]} models, not {m}")
@@ -160,6 +184,9 @@ def load_stats(out_dir: str | Path, num_models: Optional[int] = None) -> dict[st
     per_model = [load_checkpoint(model_dir(out, i) / "stats.pt", expected_format=STATS_FORMAT)
                  for i in range(m)]
     for i, stats in enumerate(per_model):
+        path = model_dir(out, i) / "stats.pt"
+        for key in ("keep", "correct", "adv_correct"):
+            _check_tensor(stats.get(key), torch.bool, (keep.shape[1],), path, key)
         if not torch.equal(stats["keep"], keep[i]):
             raise ValueError(f"model {i}'s stats were made with another inclusion mask than {out / 'keep.pt'}")
     merged: dict[str, Any] = {"keep": keep, "settings": saved["settings"], "labels": per_model[0]["labels"]}
@@ -177,6 +204,13 @@ def load_stats(out_dir: str | Path, num_models: Optional[int] = None) -> dict[st
     if all(s.get("loss_record") is not None for s in per_model):  # [M, E, N, 2], NaN where a sample is OUT
         merged["loss_record"] = _population_record(per_model, keep)
     return merged
+
+
+def _check_tensor(value: Any, dtype: torch.dtype, shape: tuple[int, ...], path: Path, field: str) -> None:
+    """A stored tensor of the expected dtype and shape, else a ValueError naming the file and the field."""
+    if not (isinstance(value, torch.Tensor) and value.dtype == dtype and tuple(value.shape) == shape):
+        got = f"{value.dtype} {list(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+        raise ValueError(f"{path}: field {field}: expected {dtype} {list(shape)}, got {got}")
 
 
 def _population_record(per_model: list[dict[str, Any]], keep: torch.Tensor) -> torch.Tensor:

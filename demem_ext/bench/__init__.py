@@ -22,6 +22,8 @@ from typing import Any, Optional
 
 import torch
 
+from demem_ext.arguments import positive_int
+
 
 def write_json(path: Optional[str], data: Any) -> None:
     """The benchmark's result as indented JSON at `path` (nothing when path is None)."""
@@ -113,29 +115,36 @@ def environment(device: torch.device) -> dict[str, Any]:
 def add_bench_args(p: argparse.ArgumentParser) -> None:
     """The flags of `demem bench`."""
     p.add_argument("--quick", action="store_true",
-                   help="tiny shapes, the CNN only, a few steps (a smoke run, seconds; not for numbers)")
+                   help="tiny shapes, the CNN only, a few steps (a smoke run, about a minute; not for numbers)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--model", default=None, choices=["cnn", "resnet18", "all"],
                    help="training-step table model(s) (default: all; cnn with --quick)")
-    p.add_argument("--repeats", type=int, default=None, help="fused-op timed runs per column")
-    p.add_argument("--steps", type=int, default=None, help="timed training steps per variant")
+    p.add_argument("--repeats", type=positive_int, default=None, help="fused-op timed runs per column")
+    p.add_argument("--steps", type=positive_int, default=None, help="timed training steps per variant")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--skip", default=None, choices=["fused", "training"], help="leave out one table")
     p.add_argument("--json", default=None, metavar="PATH", help="also write both tables as JSON")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--no-progress", action="store_true", help="no progress lines and bars on stderr")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """`demem bench`: the fused-op table, then the training-step table."""
     from demem_ext.bench import fused, training
 
+    from pathlib import Path
+
+    from demem_ext.outputs import check_output_file
+
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda but no CUDA device is available")
+    if args.json:
+        check_output_file(Path(args.json), "--json")  # before minutes of benchmarking
     result: dict[str, Any] = {"env": environment(device)}
     rc = 0
     if args.skip != "fused":
-        out = fused.benchmark(device, quick=args.quick, repeats=args.repeats)
+        out = fused.benchmark(device, quick=args.quick, repeats=args.repeats, progress=not args.no_progress)
         print(fused.format_table(out))
         result["fused"] = out
         rc = max(rc, 0 if out["rows"] else 2)
@@ -146,7 +155,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         result["training"] = []
         for name in names:
             out = training.benchmark(name, device, quick=args.quick, steps=args.steps,
-                                     memory=not args.no_memory)
+                                     memory=not args.no_memory, progress=not args.no_progress)
             print(training.format_table(out))
             print()
             result["training"].append(out)

@@ -229,8 +229,12 @@ def _memory_cuda(fns: dict[str, Callable[[], None]], device: torch.device) -> di
 def benchmark(model_name: str = "cnn", device: torch.device | str = "cpu", *, quick: bool = False,
               batch: Optional[int] = None, attack_steps: Optional[int] = None, steps: Optional[int] = None,
               warmup: Optional[int] = None, memory: bool = True, opacus: bool = True,
-              seed: int = 0, channels_last: bool = False) -> dict[str, Any]:
-    """Time (and measure the memory of) every variant on one model; a JSON-able dict with the rows."""
+              seed: int = 0, channels_last: bool = False, progress: bool = False) -> dict[str, Any]:
+    """Time (and measure the memory of) every variant on one model; a JSON-able dict with the rows.
+
+    progress: a bar with an ETA over the timed steps, on stderr."""
+    from tqdm import tqdm
+
     if model_name not in MODELS:
         raise ValueError(f"model must be one of {list(MODELS)}, got {model_name!r}")
     device = torch.device(device)
@@ -258,7 +262,8 @@ def benchmark(model_name: str = "cnn", device: torch.device | str = "cpu", *, qu
     times: dict[str, list[float]] = {key: [] for key in fns}
     order = list(fns)
     shuffler = random.Random(seed)
-    for _ in range(steps):
+    for _ in tqdm(range(steps), desc=f"{model_name}: timed steps of {len(order)} variants", disable=not progress,
+                  leave=False):
         shuffler.shuffle(order)
         for key in order:
             start = time.perf_counter()

@@ -13,10 +13,12 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from demem_ext.audit.shadow import missing_models, model_dir, prepare_masks, train_shadow_models
+from demem_ext.eta import progress_text
 from demem_ext.ops.functional import NonFiniteError
 from demem_ext.reproduce.configs import Configuration
 from demem_ext.training import TrainConfig
-from demem_ext.training.checkpoint import load_checkpoint, write_text_atomic
+from demem_ext.training.checkpoint import load_checkpoint, read_json, write_text_atomic
+from demem_ext.training.metrics import read_rows
 
 EVAL_NAME = "eval_model0.json"
 DIVERGED_NAME = "diverged.json"
@@ -56,8 +58,8 @@ def divergence(c: Configuration, out: Path) -> Optional[dict[str, Any]]:
     path = out / c.folder / DIVERGED_NAME
     if not path.exists():
         return None
-    record = json.loads(path.read_text())
-    return record if c.config.matches(record.get("config")) else None
+    record = read_json(path)
+    return record if isinstance(record, dict) and c.config.matches(record.get("config")) else None
 
 
 def _record_divergence(c: Configuration, out: Path, model_id: int, exc: Exception,
@@ -66,7 +68,7 @@ def _record_divergence(c: Configuration, out: Path, model_id: int, exc: Exceptio
     if divergence(c, out) is not None:
         return
     metrics = model_dir(out / c.folder, model_id) / "metrics.jsonl"
-    epochs = len([line for line in metrics.read_text().splitlines() if line.strip()]) if metrics.exists() else 0
+    epochs = len(read_rows(metrics, log)) if metrics.exists() else 0
     record = {"config": c.config.to_dict(), "model": model_id, "epochs_completed": epochs, "error": str(exc)}
     write_text_atomic(json.dumps(record, indent=2), out / c.folder / DIVERGED_NAME)
     log(f"[{c.slug}] diverged: model {model_id} after {epochs} epochs: {exc}")
@@ -86,11 +88,13 @@ def train_all(selected: Sequence[Configuration], out: Path, num_models: int, kee
         return trained
     for c in live:
         prepare_masks(c.config, out / c.folder, num_models, keep_seed)  # before workers race; refuses a mismatch
+    start = time.perf_counter()
     if pool.jobs <= 1:
-        for c, i in todo:
+        for done, (c, i) in enumerate(todo):
             if divergence(c, out) is not None:
                 continue
-            log(f"[{c.slug}] training shadow model {i + 1}/{num_models} ({c.name})")
+            log(f"[{c.slug}] training shadow model {i + 1}/{num_models} ({c.name}); all models: "
+                f"{progress_text(time.perf_counter() - start, done, len(todo))}")
             try:
                 trained[c.folder] += train_shadow_models(c.config, out / c.folder, num_models=num_models,
                                                          seed=keep_seed, shard=(i, num_models), progress=progress,
@@ -114,7 +118,7 @@ def train_all(selected: Sequence[Configuration], out: Path, num_models: int, kee
                 if c2 is c:
                     other.cancel()  # models of c not started yet
             continue
-        log(f"[{c.slug}] model {i} done ({done}/{len(todo)})")
+        log(f"[{c.slug}] model {i} done; all models: {progress_text(time.perf_counter() - start, done, len(todo))}")
     for ids in trained.values():
         ids.sort()
     return trained
@@ -127,8 +131,8 @@ def _eval_settings(autoattack: str, limit: Optional[int]) -> dict[str, Any]:
 def _cached_evaluation(folder: Path, autoattack: str, limit: Optional[int]) -> Optional[dict[str, Any]]:
     path = folder / EVAL_NAME
     if path.exists():
-        cached = json.loads(path.read_text())
-        if cached.get("settings") == _eval_settings(autoattack, limit):
+        cached = read_json(path)
+        if isinstance(cached, dict) and cached.get("settings") == _eval_settings(autoattack, limit):
             return cached
     return None
 
@@ -142,8 +146,8 @@ def evaluate_model0(folder: Path, autoattack: str, limit: Optional[int]) -> dict
     if cached is not None:
         return cached
     start = time.perf_counter()
-    payload = load_checkpoint(model_dir(folder, 0) / "checkpoint.pt", expected_format="demem-ext/train-v1")
-    state = restore(payload)
+    path = model_dir(folder, 0) / "checkpoint.pt"
+    state = restore(load_checkpoint(path, expected_format="demem-ext/train-v1"), str(path))
     cfg = state.config
     result = evaluate(state.model, state.test_set, cfg.eps, state.info.num_classes, clamp=state.info.input_range,
                       autoattack=autoattack, device=cfg.device, limit=limit, seed=cfg.seed)
@@ -177,5 +181,9 @@ def train_seconds(folder: Path, num_models: int) -> float:
     for i in range(num_models):
         path = model_dir(folder, i) / "metrics.jsonl"
         if path.exists():
-            total += sum(json.loads(line).get("seconds", 0.0) for line in path.read_text().splitlines() if line.strip())
+            total += sum(row.get("seconds", 0.0) for row in read_rows(path, _ignore))
     return total
+
+
+def _ignore(_: str) -> None:
+    pass

@@ -3,7 +3,6 @@ fixed rule that picks the λ of the loss-trace configuration from the sweep's ro
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -13,7 +12,7 @@ from demem_ext.audit.attacks import run_attacks
 from demem_ext.audit.shadow import STATS_FORMAT, load_stats, missing_models, model_dir
 from demem_ext.reproduce.configs import BASELINE_SLUG, FALLBACK_LAMBDA, SWEEP_LAMBDAS, Configuration
 from demem_ext.reproduce.jobs import divergence, evaluate_model0, train_seconds
-from demem_ext.training.checkpoint import load_checkpoint
+from demem_ext.training.checkpoint import load_checkpoint, read_json
 
 LIRA = "LiRA online"
 LIRA_OFFLINE = "LiRA offline"
@@ -131,8 +130,9 @@ def sweep_rows_on_disk(all_configs: Sequence[Configuration], out: Path, num_mode
             continue
         path = out / c.folder / "audit.json"
         if path.exists() and not missing_models(out / c.folder, num_models):
-            report = json.loads(path.read_text())
-            if report.get("num_models") == num_models and c.config.matches(report.get("config")):
+            report = read_json(path)
+            if (isinstance(report, dict) and report.get("num_models") == num_models
+                    and c.config.matches(report.get("config"))):
                 found[c.slug] = {"method": c.method, "family": c.family, "lam": c.lam,
                                  "mean_test_pgd20_acc": report["test_accuracy"]["pgd20"],
                                  "primary": {"tpr_at_fpr_0.01": report["primary"]["tpr_at_fpr_0.01"]}}

@@ -135,7 +135,8 @@ def load_torchvision(name: str, data_dir: str | Path | None = None, download: bo
     """CIFAR-10, CIFAR-100 or SVHN from ``data_dir`` (default ``./data``) through torchvision.
 
     ``augment`` adds random 32x32 crops with 4 pixels of padding to the training set, and horizontal
-    flips for CIFAR. Missing files raise ``FileNotFoundError`` unless ``download`` is set.
+    flips for CIFAR. Missing files raise ``FileNotFoundError`` unless ``download`` is set; files that fail
+    torchvision's integrity check raise ``ValueError``.
     """
     from torchvision import datasets
 
@@ -156,7 +157,7 @@ def load_torchvision(name: str, data_dir: str | Path | None = None, download: bo
             test = cls(str(root), train=False, transform=test_tf, download=download)
             train_y, test_y = train.targets, test.targets
     except RuntimeError as exc:  # torchvision's "not found or corrupted" (md5 mismatch)
-        raise RuntimeError(
+        raise ValueError(
             f"{name} under data_dir={str(root)!r} failed torchvision's integrity check ({exc}); "
             f"delete the files and fetch them again with download=True (`--download`)."
         ) from exc

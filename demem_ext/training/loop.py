@@ -30,9 +30,12 @@ from demem_ext.adversarial import Objective, make_objective
 from demem_ext.training.checkpoint import load_checkpoint, save_checkpoint
 from demem_ext.training.config import CHECKPOINT_NAME, METRICS_NAME, TrainConfig
 from demem_ext.training.data import DatasetInfo, load_dataset
+from demem_ext.training.metrics import append_row, trim_rows
 from demem_ext.middleware import DeMem
 from demem_ext.sampling import collate_allowing_empty
 from demem_ext.training.models import build_model, has_batchnorm
+from demem_ext.training.resume import extended_payload
+from demem_ext.training.validate import check_model_state, check_payload, loading
 from demem_ext.training.precision import autocast, model_to_memory_format, to_memory_format
 
 @dataclass
@@ -293,10 +296,13 @@ def train_epoch(state: TrainState, progress: bool = True) -> dict[str, float]:
             totals[key] += out.get(key, 0.0)
         totals["correct"] += out["correct"]
         totals["count"] += out["count"]
-        bar.set_postfix(loss=f"{totals['loss'] / totals['batches']:.3f}",
-                        acc=f"{totals['correct'] / totals['count']:.3f}",
-                        high_risk=f"{totals['high_risk'] / totals['batches']:.2f}",
-                        clip=f"{totals['clip'] / totals['batches']:.2f}")
+        postfix = {"loss": f"{totals['loss'] / totals['batches']:.3f}",
+                   "acc": f"{totals['correct'] / totals['count']:.3f}"}
+        if state.demem is not None:
+            postfix["high_risk"] = f"{totals['high_risk'] / totals['batches']:.2f}"
+        if _clips(state):
+            postfix["clip"] = f"{totals['clip'] / totals['batches']:.2f}"
+        bar.set_postfix(postfix)
     if state.scheduler is not None:
         state.scheduler.step()
     if state.world_size > 1:  # metrics of all ranks' batches
@@ -340,27 +346,41 @@ def checkpoint_payload(state: TrainState) -> dict[str, Any]:
     }
 
 
-def restore(payload: dict[str, Any]) -> TrainState:
-    """Rebuild a run from a checkpoint payload, exactly where it stopped."""
-    state = build(TrainConfig.from_dict(payload["config"]), payload.get("train_subset"))
+def restore(payload: dict[str, Any], source: str = "checkpoint") -> TrainState:
+    """Rebuild a run from a checkpoint payload, exactly where it stopped; a payload that does not fit its
+    configuration is a ValueError naming `source` (the file) and the field."""
+    cfg = check_payload(payload, source)
+    with loading(source, "config or train_subset"):
+        state = build(cfg, payload["train_subset"])
+    check_model_state(payload["model"], state.model, source)
     state.model.load_state_dict(payload["model"])
-    state.optimizer.load_state_dict(payload["optimizer"])
+    with loading(source, "optimizer"):
+        state.optimizer.load_state_dict(payload["optimizer"])
     if state.scheduler is not None and payload["scheduler"] is not None:
-        state.scheduler.load_state_dict(payload["scheduler"])
+        with loading(source, "scheduler"):
+            state.scheduler.load_state_dict(payload["scheduler"])
     if state.demem is not None and payload["demem"] is not None:
-        state.demem.load_state_dict(payload["demem"])
-    state.epoch = int(payload["epoch"])
-    if state.loss_record is not None and payload.get("loss_record") is not None:
-        state.loss_record = payload["loss_record"]
-    _set_rng_state(payload["rng"])
+        with loading(source, "demem"):
+            state.demem.load_state_dict(payload["demem"])
+    state.epoch = payload["epoch"]
+    record = payload.get("loss_record")
+    if state.loss_record is not None and record is not None:
+        if not isinstance(record, torch.Tensor) or record.shape != state.loss_record.shape:
+            raise ValueError(f"{source}: field loss_record: expected shape {list(state.loss_record.shape)}")
+        state.loss_record = record
+    with loading(source, "rng"):
+        _set_rng_state(payload["rng"])
     return state
 
 
 def train(cfg: TrainConfig, out_dir: str | os.PathLike, resume: bool = False, progress: bool = True,
-          log: Callable[[str], None] = print, train_subset: Optional[torch.Tensor] = None) -> TrainState:
+          log: Callable[[str], None] = print, train_subset: Optional[torch.Tensor] = None,
+          epochs: Optional[int] = None) -> TrainState:
     """Train (or resume) a run in out_dir: a checkpoint and a metrics line after every epoch.
 
+    resume: continue from out_dir's checkpoint with its stored configuration (a fresh run when there is none).
     train_subset: indices into the training split to train on (kept in the checkpoint).
+    epochs: when resuming, train on to this many epochs (`extended_payload` says where that is allowed).
     Under torch.distributed every rank calls this with the same out_dir (shared by all ranks);
     rank 0 alone logs and writes, the others wait for each checkpoint at a barrier.
     """
@@ -372,9 +392,11 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike, resume: bool = False, pr
     ckpt_path, metrics_path = out / CHECKPOINT_NAME, out / METRICS_NAME
     if resume and ckpt_path.exists():
         payload = load_checkpoint(ckpt_path, expected_format="demem-ext/train-v1")
-        if not cfg.matches(payload["config"]):
+        if epochs is not None:
+            payload = extended_payload(payload, epochs, ckpt_path)
+        if not cfg.matches(payload.get("config")):
             log("resuming with the configuration stored in the checkpoint")
-        state = restore(payload)
+        state = restore(payload, str(ckpt_path))
         log(f"resumed from {ckpt_path} after epoch {state.epoch}")
     else:
         if ckpt_path.exists():
@@ -384,24 +406,38 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike, resume: bool = False, pr
             metrics_path.unlink(missing_ok=True)
         log(f"training in {state.config.precision}, {state.config.memory_format} ({state.precision_reason})")
     if main:
-        _trim_metrics(metrics_path, state.epoch)
+        trim_rows(metrics_path, state.epoch, log)
     context = state.demem if state.demem is not None else contextlib.nullcontext()
     with context:
         while state.epoch < state.config.epochs:
             start = time.perf_counter()
+            lr = state.optimizer.param_groups[0]["lr"]  # the epoch's own (the scheduler steps at its end)
             metrics = train_epoch(state, progress=progress)
             state.epoch += 1
-            metrics.update(epoch=state.epoch, seconds=time.perf_counter() - start,
-                           lr=state.optimizer.param_groups[0]["lr"], **privacy_report(state))
+            metrics.update(epoch=state.epoch, seconds=time.perf_counter() - start, lr=lr, **privacy_report(state))
             if main:
-                with metrics_path.open("a") as fh:  # before the checkpoint: a resume trims extra lines
-                    fh.write(json.dumps(metrics) + "\n")
+                append_row(metrics_path, metrics)  # before the checkpoint: a resume trims extra lines
                 save_checkpoint(checkpoint_payload(state), ckpt_path)
             if state.world_size > 1:
                 dist.barrier()  # a checkpoint is complete before any rank goes on (or stops)
-            log(f"epoch {state.epoch}: loss {metrics['train_loss']:.4f}  adv acc {metrics['train_adv_acc']:.3f}"
-                f"  high-risk {metrics['high_risk_fraction']:.3f}  clip {metrics['clip_fraction']:.3f}")
+            log(f"epoch {state.epoch}: " + "  ".join(f"{name} {value}" for name, value in _shown(state, metrics)))
     return state
+
+
+def _clips(state: TrainState) -> bool:
+    """Whether the run clips per-sample gradients (else its clip fraction means nothing)."""
+    return state.demem is not None and state.config.per_sample() and \
+        state.config.demem_config().max_grad_norm is not None
+
+
+def _shown(state: TrainState, metrics: dict[str, float]) -> list[tuple[str, str]]:
+    """The epoch's numbers for the log line: the DeMem fractions only where they apply."""
+    shown = [("loss", f"{metrics['train_loss']:.4f}"), ("adv acc", f"{metrics['train_adv_acc']:.3f}")]
+    if state.demem is not None:
+        shown.append(("high-risk", f"{metrics['high_risk_fraction']:.3f}"))
+    if _clips(state):
+        shown.append(("clip", f"{metrics['clip_fraction']:.3f}"))
+    return shown
 
 
 def privacy_report(state: TrainState) -> dict[str, Any]:
@@ -415,14 +451,4 @@ def privacy_report(state: TrainState) -> dict[str, Any]:
 
 def _quiet(_: str) -> None:
     pass
-
-
-def _trim_metrics(path: Path, epochs_done: int) -> None:
-    """Drop metrics lines of epochs after the checkpoint (a run killed between the two writes)."""
-    if not path.exists():
-        return
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    kept = [line for line in lines if json.loads(line).get("epoch", math.inf) <= epochs_done]
-    if len(kept) != len(lines):
-        path.write_text("".join(line + "\n" for line in kept))
 

@@ -193,7 +193,8 @@ def test_memory_probe_runs_in_a_fresh_process() -> None:
 def test_demem_bench_quick_prints_both_tables(tmp_path, capsys) -> None:
     path = tmp_path / "bench.json"
     assert main(["bench", "--quick", "--no-memory", "--json", str(path)]) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert "B=" in err and "cnn: timed steps" in err  # progress on stderr
     assert "fused step" in out and "ref/ext" in out and "ext%copy" in out
     assert "training step: cnn" in out and "PGD-AT + DeMem (weighting)" in out
     data = json.loads(path.read_text())

@@ -143,6 +143,6 @@ def test_augmentation_switch(tmp_path, skip_md5, name, flip):
 
 def test_corrupted_files_fail_integrity_check(tmp_path):
     _fake_cifar(tmp_path, "cifar10")  # right names, wrong md5 sums
-    with pytest.raises(RuntimeError, match="integrity") as err:
+    with pytest.raises(ValueError, match="integrity") as err:
         load_dataset("cifar10", data_dir=tmp_path)
     assert str(tmp_path) in str(err.value)
