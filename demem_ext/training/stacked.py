@@ -58,6 +58,8 @@ class StackedForward(nn.Module):
         self.channels_last = channels_last
         self.params: dict[str, Tensor] = {}
         self._layers = grouped_layers(base) if backend == "grouped" else None
+        # a stack of channels_last weights flattens to odd strides: each grouped weight is made dense in this format
+        self._format = torch.channels_last if channels_last else torch.contiguous_format
 
     @property
     def num_models(self) -> int:
@@ -86,7 +88,7 @@ class StackedForward(nn.Module):
         p = self.params
         for name, layer in self._layers:
             if isinstance(layer, nn.Conv2d):
-                weight = p[f"{name}.weight"].flatten(0, 1)
+                weight = p[f"{name}.weight"].flatten(0, 1).contiguous(memory_format=self._format)
                 bias = p[f"{name}.bias"].flatten() if layer.bias is not None else None
                 h = F.conv2d(h, weight, bias, layer.stride, layer.padding, layer.dilation, k * layer.groups)
             elif isinstance(layer, nn.GroupNorm):

@@ -150,3 +150,12 @@ def test_bad_input_is_a_value_error_naming_the_argument(tmp_path: Path, kwargs: 
     with pytest.raises(ValueError, match=argument):
         train_ensemble(_config(), log=_quiet, **args)
     assert not any(tmp_path.iterdir())  # nothing built or written
+
+
+def test_the_audit_benchmark_runs_in_quick_mode(capsys: pytest.CaptureFixture) -> None:
+    from demem_ext.bench.audit import main
+
+    assert main(["--quick"]) == 0
+    out = capsys.readouterr().out
+    assert "CPU:" in out and "bf16" in out and "models/h" in out and "peak RSS" in out
+    assert len([line for line in out.splitlines() if "contiguous" in line]) == 2  # K = 1 and 2
