@@ -26,13 +26,14 @@ Not vectorized (trained one after another with `loop.train`, said in the log): t
 (clipping/noise: per-sample gradients of K models would need a nested vmap), BatchNorm models (batch
 statistics over padded rows), torch.distributed runs.
 
-Backend (benchmarks/bench_audit.py, docs/benchmarks.md): on an Intel Xeon with AMX, one PGD-10 step of
-8 digits CNNs (batch 64, one thread) took 166 ms grouped, 850 ms vmap and 265 ms one model after another
-in bf16 channels_last; 530 / 843 / 486 ms in fp32 channels_last; 698 / 511 / 442 ms in fp32 contiguous.
-oneDNN runs the grouped convolution of K small models as one larger bf16 kernel (AMX tiles filled),
-where vmap's conv batching rule pays reorders on each call; in fp32 the small convolutions are already
-compute-bound and neither layout gains much. "auto" is therefore "grouped" where the model supports
-it (the digits CNN) and "vmap" elsewhere. A conv as unfold + batched matmul was 4-12× slower.
+Backend (measured on an Intel Xeon with AMX, one thread, a loaded 2-core VM; docs/benchmarks.md): one
+PGD-10 step of 8 digits CNNs (batch 64) in an ad-hoc probe took 166-221 ms grouped, 850-943 ms vmap and
+265 ms one model after another in bf16 channels_last; 530 / 843 / 486 ms in fp32 channels_last; 698 / 511 /
+442 ms in fp32 contiguous; convolutions as unfold + batched matmul took 716 ms (bf16) and 2,011 ms (fp32).
+oneDNN runs the grouped convolution of K small models as one larger bf16 kernel with fuller AMX tiles,
+where vmap's batching rules pay extra reorders per call; in fp32 the small convolutions are compute-bound
+and no layout gains much. "auto" is therefore "grouped" where the model supports it (the digits CNN)
+and "vmap" elsewhere. `python benchmarks/bench_audit.py --backends vmap,grouped` compares them in training.
 """
 
 from __future__ import annotations
