@@ -1,6 +1,7 @@
 """Adversarial-training objectives with per-sample losses: plain, PGD-AT, TRADES, MART, PGD-AT + RelaxLoss.
 
-``adversarial(model, x, y)`` runs the objective's attack (eval mode, no parameter gradients);
+``adversarial(model, x, y)`` runs the objective's attack (eval mode, no parameter gradients) from the
+random start ``random_start(x)`` draws (or from a ``start`` passed in: an ensemble draws each model's own);
 ``per_sample_loss(model, x, x_adv, y)`` returns one loss per sample, shape ``[B]``, and
 ``loss_and_logits`` the same losses with the logits on the trained-on input (a training loop logs
 its accuracy from them without another forward pass). The losses use
@@ -14,13 +15,13 @@ from __future__ import annotations
 import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from demem_ext.adversarial.attacks import check_attack_args, eval_mode, pgd
+from demem_ext.adversarial.attacks import _random_delta, check_attack_args, eval_mode, pgd
 
 TRADES_START_STD = 0.001  # the TRADES/MART attacks start at x + 0.001 * randn (official code)
 
@@ -64,8 +65,13 @@ class Objective(ABC):
         check_attack_args(self.eps, self.alpha, self.steps, self.norm, self.clamp)
 
     @abstractmethod
-    def adversarial(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-        """The (detached) inputs the loss is trained on."""
+    def adversarial(self, model: nn.Module, x: Tensor, y: Tensor, start: Optional[Tensor] = None) -> Tensor:
+        """The (detached) inputs the loss is trained on; the attack starts at ``start`` (None: its own draw)."""
+
+    def random_start(self, x: Tensor) -> Optional[Tensor]:
+        """The attack's random start for ``x``, drawn from torch's global generator as ``adversarial`` draws it
+        (None: no attack, nothing drawn)."""
+        return None
 
     @abstractmethod
     def terms(self, model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor) -> Terms:
@@ -92,7 +98,7 @@ class PlainObjective(Objective):
 
     name: ClassVar[str] = "none"
 
-    def adversarial(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    def adversarial(self, model: nn.Module, x: Tensor, y: Tensor, start: Optional[Tensor] = None) -> Tensor:
         """No attack: returns ``x`` (detached)."""
         return x.detach()
 
@@ -109,9 +115,13 @@ class PGDAT(Objective):
 
     name: ClassVar[str] = "pgd"
 
-    def adversarial(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    def adversarial(self, model: nn.Module, x: Tensor, y: Tensor, start: Optional[Tensor] = None) -> Tensor:
         """PGD with a uniform random start, maximising cross-entropy."""
-        return pgd(model, x, y, self.eps, self.alpha, self.steps, norm=self.norm, clamp=self.clamp)
+        return pgd(model, x, y, self.eps, self.alpha, self.steps, norm=self.norm, clamp=self.clamp, start=start)
+
+    def random_start(self, x: Tensor) -> Tensor:
+        """``x`` plus PGD's uniform draw in the ε-ball."""
+        return x.detach() + _random_delta(x.detach(), self.eps, self.norm)
 
     def terms(self, model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor) -> Terms:
         """CE(f(x_adv), y), f(x_adv) and CE again."""
@@ -129,7 +139,8 @@ class _BetaObjective(Objective):
         if not self.beta >= 0:
             raise ValueError(f"beta must be >= 0, got {self.beta}")
 
-    def _start(self, x: Tensor) -> Tensor:
+    def random_start(self, x: Tensor) -> Tensor:
+        """``x + 0.001 * randn`` (the official TRADES and MART code)."""
         return x.detach() + TRADES_START_STD * torch.randn_like(x)
 
 
@@ -139,12 +150,12 @@ class TRADES(_BetaObjective):
 
     name: ClassVar[str] = "trades"
 
-    def adversarial(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    def adversarial(self, model: nn.Module, x: Tensor, y: Tensor, start: Optional[Tensor] = None) -> Tensor:
         """PGD maximising KL(p_nat || p_adv), started at ``x + 0.001 * randn``."""
         with eval_mode(model), torch.no_grad():
             log_p_nat = F.log_softmax(model(x), dim=1)
-        return pgd(model, x, log_p_nat, self.eps, self.alpha, self.steps, norm=self.norm,
-                   clamp=self.clamp, loss_fn=_kl_from_logits, start=self._start(x))
+        return pgd(model, x, log_p_nat, self.eps, self.alpha, self.steps, norm=self.norm, clamp=self.clamp,
+                   loss_fn=_kl_from_logits, start=self.random_start(x) if start is None else start)
 
     def terms(self, model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor) -> Terms:
         """CE(f(x), y) + beta * KL(softmax f(x) || softmax f(x_adv)), f(x_adv) and CE(f(x), y)."""
@@ -161,10 +172,10 @@ class MART(_BetaObjective):
 
     name: ClassVar[str] = "mart"
 
-    def adversarial(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    def adversarial(self, model: nn.Module, x: Tensor, y: Tensor, start: Optional[Tensor] = None) -> Tensor:
         """PGD maximising cross-entropy, started at ``x + 0.001 * randn`` (official MART code)."""
-        return pgd(model, x, y, self.eps, self.alpha, self.steps, norm=self.norm,
-                   clamp=self.clamp, start=self._start(x))
+        return pgd(model, x, y, self.eps, self.alpha, self.steps, norm=self.norm, clamp=self.clamp,
+                   start=self.random_start(x) if start is None else start)
 
     def terms(self, model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor) -> Terms:
         """-log p_adv[y] - log(1 - max_{k != y} p_adv[k]) + beta * KL(p_nat || p_adv) * (1 - p_nat[y]),
