@@ -267,7 +267,7 @@ def _audit(args: argparse.Namespace, cfg: TrainConfig, out: Path) -> int:
     if not args.merge_only:
         shard = parse_shard(args.shard)
         train_shadow_models(cfg, out, num_models=models, seed=args.keep_seed, shard=shard,
-                            progress=not args.no_progress)
+                            progress=not args.no_progress, ensemble=args.ensemble)
         if shard[1] > 1:
             print(f"shard {args.shard} done in {time.perf_counter() - start:.0f} s; "
                   f"merge with: demem audit --merge-only --out {out}")
@@ -354,6 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-seed", type=int, default=0, help="seed of the inclusion masks")
     p.add_argument("--shard", default="0/1", help="train only models i, i+n, ... (i/n); merge later")
     p.add_argument("--merge-only", action="store_true", help="only merge the saved stats and report")
+    p.add_argument("--ensemble", type=positive_int, default=1,
+                   help="train K shadow models at once in this process (vectorized; each model as it would be "
+                        "alone). Default 1: on the CPUs measured, ensembles gain nothing in fp32 (docs/benchmarks.md)")
     p.add_argument("--null-seeds", default=None,
                    help="also run the null check: score the models against fake masks of these seeds (a,b,...) "
                         "and write null_check.json")

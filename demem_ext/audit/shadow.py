@@ -12,6 +12,7 @@ logits of every query augmentation (`demem_ext.audit.queries`) as aug_logits / a
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from pathlib import Path
@@ -28,6 +29,8 @@ from demem_ext.adversarial.robustness import natural_accuracy, pgd_accuracy
 from demem_ext.training.checkpoint import load_checkpoint, save_checkpoint
 from demem_ext.training.data import load_dataset
 from demem_ext.training import TrainConfig, train
+from demem_ext.training.ensemble import train_ensemble
+from demem_ext.training.loop import TrainState
 
 KEEP_FORMAT = "demem-ext/keep-v1"
 STATS_FORMAT = "demem-ext/shadow-stats-v1"
@@ -110,58 +113,76 @@ def population_stats(model: nn.Module, population: Dataset, cfg: TrainConfig,
 
 def train_shadow_models(cfg: TrainConfig, out_dir: str | Path, num_models: int = 16, seed: int = 0,
                         shard: tuple[int, int] = (0, 1), progress: bool = False,
-                        log: Callable[[str], None] = print) -> list[int]:
+                        log: Callable[[str], None] = print, ensemble: int = 1) -> list[int]:
     """Train this shard's shadow models (model i has training seed cfg.seed + i) and save their stats.
 
     Finished models (stats.pt present) are skipped; an unfinished one resumes from its checkpoint. A model
     another process is training (its lock is held, `demem_ext.audit.lock`) is skipped and logged.
+    ensemble > 1: the shard's models are trained that many at a time in one process
+    (`demem_ext.training.ensemble.train_ensemble`, each model as it would be alone).
     Returns the ids of the models this call trained.
     """
+    if isinstance(ensemble, bool) or not isinstance(ensemble, int) or not 1 <= ensemble <= num_models:
+        raise ValueError(f"ensemble must be an integer in [1, {num_models}] (the number of models), got {ensemble!r}")
     out = Path(out_dir)
     population, test_set, info = load_dataset(cfg.dataset, cfg.data_dir, cfg.download, augment=False,
                                               seed=cfg.split_seed)
     keep = _load_or_create_keep(out, cfg, num_models, len(population), seed)
     index, count = shard
     todo = [i for i in range(index, num_models, count) if not (model_dir(out, i) / "stats.pt").exists()]
-    trained = []
+    trained: list[int] = []
     start = time.perf_counter()
-    for done, model_id in enumerate(todo, 1):
-        folder = model_dir(out, model_id)
-        stats_path = folder / "stats.pt"
-        with model_lock(folder) as locked:
-            if not locked:
-                log(f"shadow model {model_id + 1}/{num_models}: skipped, another process is training it "
-                    f"(it holds {folder / LOCK_NAME})")
-                continue
-            if stats_path.exists():  # finished by another process meanwhile
-                continue
-            _train_one(cfg, folder, model_id, num_models, keep, population, test_set, info.input_range,
-                       progress, log)
-        trained.append(model_id)
-        log(f"shadow model {model_id + 1}/{num_models} done; this run's models: "
-            f"{progress_text(time.perf_counter() - start, done, len(todo))}")
+    for first in range(0, len(todo), ensemble):
+        with contextlib.ExitStack() as locks:
+            group = []
+            for model_id in todo[first:first + ensemble]:
+                folder = model_dir(out, model_id)
+                if not locks.enter_context(model_lock(folder)):
+                    log(f"shadow model {model_id + 1}/{num_models}: skipped, another process is training it "
+                        f"(it holds {folder / LOCK_NAME})")
+                elif not (folder / "stats.pt").exists():  # not finished by another process meanwhile
+                    group.append(model_id)
+            states = _train_group(cfg, out, group, num_models, keep, population, progress, log)
+            for model_id, state in zip(group, states):
+                _save_stats(state, model_dir(out, model_id), model_id, keep, population, test_set, info.input_range)
+                trained.append(model_id)
+                log(f"shadow model {model_id + 1}/{num_models} done; this run's models: "
+                    f"{progress_text(time.perf_counter() - start, len(trained), len(todo))}")
     return trained
 
 
-def _train_one(cfg: TrainConfig, folder: Path, model_id: int, num_models: int, keep: torch.Tensor,
-               population: Dataset, test_set: Dataset, clamp: tuple[float, float], progress: bool,
-               log: Callable[[str], None]) -> None:
-    """Train (or resume) shadow model model_id in folder and write its stats.pt."""
-    model_cfg = dataclasses.replace(cfg, seed=cfg.seed + model_id, record_losses=True)  # proxy screening
-    subset = keep[model_id].nonzero().flatten()
-    resolved, reason = model_cfg.with_resolved_precision()
-    log(f"shadow model {model_id + 1}/{num_models}: training on {len(subset)} of {len(population)} samples "
-        f"in {resolved.precision}, {resolved.memory_format} ({reason})")
-    state = train(model_cfg, folder, resume=True, progress=progress, log=lambda _: None, train_subset=subset)
+def _train_group(cfg: TrainConfig, out: Path, group: list[int], num_models: int, keep: torch.Tensor,
+                 population: Dataset, progress: bool, log: Callable[[str], None]) -> list[TrainState]:
+    """Train (or resume) the shadow models `group`: one at a time, or as one ensemble when there are several."""
+    if not group:
+        return []
+    base = dataclasses.replace(cfg, record_losses=True)  # proxy screening
+    subsets = [keep[i].nonzero().flatten() for i in group]
+    resolved, reason = base.with_resolved_precision()
+    for model_id, subset in zip(group, subsets):
+        log(f"shadow model {model_id + 1}/{num_models}: training on {len(subset)} of {len(population)} samples "
+            f"in {resolved.precision}, {resolved.memory_format} ({reason})"
+            + (f", in an ensemble of {len(group)}" if len(group) > 1 else ""))
+    if len(group) == 1:
+        return [train(dataclasses.replace(base, seed=cfg.seed + group[0]), model_dir(out, group[0]), resume=True,
+                      progress=progress, log=lambda _: None, train_subset=subsets[0])]
+    return train_ensemble(base, [cfg.seed + i for i in group], [model_dir(out, i) for i in group], subsets,
+                          resume=True, log=lambda _: None)
+
+
+def _save_stats(state: TrainState, folder: Path, model_id: int, keep: torch.Tensor, population: Dataset,
+                test_set: Dataset, clamp: tuple[float, float]) -> None:
+    """Score a trained shadow model (fp32) and write its stats.pt."""
+    model_cfg = state.config
     stats = population_stats(state.model, population, model_cfg, clamp)
-    test_acc = natural_accuracy(state.model, test_set, device=cfg.device)
+    test_acc = natural_accuracy(state.model, test_set, device=model_cfg.device)
     torch.manual_seed(model_cfg.seed)
-    test_pgd = pgd_accuracy(state.model, test_set, cfg.eps, 20, clamp=clamp, device=cfg.device)
+    test_pgd = pgd_accuracy(state.model, test_set, model_cfg.eps, 20, clamp=clamp, device=model_cfg.device)
     payload: dict[str, Any] = {"format": STATS_FORMAT, "model_id": model_id, "keep": keep[model_id],
                                "test_natural_acc": test_acc, "test_pgd20_acc": test_pgd,
                                "demem": state.demem.state_dict() if state.demem is not None else None,
-                               "num_train": len(subset), "loss_record": state.loss_record,
-                               "precision": state.config.precision, "memory_format": state.config.memory_format,
+                               "num_train": int(keep[model_id].sum()), "loss_record": state.loss_record,
+                               "precision": model_cfg.precision, "memory_format": model_cfg.memory_format,
                                "precision_reason": state.precision_reason, **stats}
     save_checkpoint(payload, folder / "stats.pt")
 

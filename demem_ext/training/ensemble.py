@@ -54,7 +54,8 @@ from demem_ext.middleware import collectives as distributed
 from demem_ext.training.checkpoint import load_checkpoint, save_checkpoint
 from demem_ext.training.config import CHECKPOINT_NAME, METRICS_NAME, TrainConfig
 # loop's loader, RNG snapshot and metrics trim define what a sequential run does: reused, not copied
-from demem_ext.training.loop import (TrainState, _loader, _rng_state, _set_rng_state, _trim_metrics, build,
+from demem_ext.training.metrics import append_row, trim_rows
+from demem_ext.training.loop import (TrainState, _loader, _rng_state, _set_rng_state, build,
                                      checkpoint_payload, privacy_report, restore, train)
 from demem_ext.training.models import DEFAULT_NORM
 from demem_ext.training.precision import to_memory_format
@@ -158,7 +159,7 @@ def _member(cfg: TrainConfig, seed: int, out_dir: Path, subset: Optional[Tensor]
         metrics_path.unlink(missing_ok=True)
         log(f"{out_dir}: training in {state.config.precision}, {state.config.memory_format} "
             f"({state.precision_reason})")
-    _trim_metrics(metrics_path, state.epoch)
+    trim_rows(metrics_path, state.epoch)
     return _Member(state, out_dir, _rng_state(), dict(state.model.named_parameters()))
 
 
@@ -288,16 +289,15 @@ def _add_batch(m: _Member, losses: Tensor, logits: Tensor, y: Tensor) -> None:
 def _end_epoch(m: _Member, log: Callable[[str], None]) -> None:
     """loop.train's end of an epoch: scheduler step, metrics line, then the checkpoint (with the member's RNG)."""
     state, t = m.state, m.totals
+    lr = state.optimizer.param_groups[0]["lr"]  # the epoch's own (the scheduler steps at its end)
     if state.scheduler is not None:
         state.scheduler.step()
     n = max(t["batches"], 1.0)
     metrics: dict[str, Any] = {"train_loss": t["loss"] / n, "train_adv_acc": t["correct"] / max(t["count"], 1.0),
                                "high_risk_fraction": t["high_risk"] / n, "clip_fraction": t["clip"] / n}
     state.epoch += 1
-    metrics.update(epoch=state.epoch, seconds=time.perf_counter() - m.started,
-                   lr=state.optimizer.param_groups[0]["lr"], **privacy_report(state))
-    with (m.out_dir / METRICS_NAME).open("a") as fh:  # before the checkpoint: a resume trims extra lines
-        fh.write(json.dumps(metrics) + "\n")
+    metrics.update(epoch=state.epoch, seconds=time.perf_counter() - m.started, lr=lr, **privacy_report(state))
+    append_row(m.out_dir / METRICS_NAME, metrics)  # before the checkpoint: a resume trims extra lines
     _set_rng_state(m.rng)
     save_checkpoint(checkpoint_payload(state), m.out_dir / CHECKPOINT_NAME)
     log(f"{m.out_dir}: epoch {state.epoch}: loss {metrics['train_loss']:.4f}  adv acc {metrics['train_adv_acc']:.3f}"

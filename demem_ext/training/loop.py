@@ -8,13 +8,12 @@ only rank 0 writes metrics and checkpoints.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
 import os
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 

@@ -159,3 +159,25 @@ def test_the_audit_benchmark_runs_in_quick_mode(capsys: pytest.CaptureFixture) -
     out = capsys.readouterr().out
     assert "CPU:" in out and "bf16" in out and "models/h" in out and "peak RSS" in out
     assert len([line for line in out.splitlines() if "contiguous" in line]) == 2  # K = 1 and 2
+
+
+def test_an_ensemble_trained_audit_gives_the_sequential_statistics(tmp_path: Path) -> None:
+    """8 shadow models trained 4 at a time give the statistics of 8 trained one after another (fp32, 1e-4:
+    the stacked forward sums in another order, and the audit reads logits after a whole training)."""
+    from demem_ext.audit.shadow import load_stats, train_shadow_models
+
+    cfg = TrainConfig(epochs=1, attack_steps=1, batch_size=256, demem={"lam": 0.5})
+    assert train_shadow_models(cfg, tmp_path / "seq", num_models=8, log=lambda _: None) == list(range(8))
+    assert train_shadow_models(cfg, tmp_path / "ens", num_models=8, log=lambda _: None, ensemble=4) == list(range(8))
+    sequential, vectorized = load_stats(tmp_path / "seq"), load_stats(tmp_path / "ens")
+    assert torch.equal(sequential["keep"], vectorized["keep"])
+    for key in ("logits", "adv_logits", "loss", "adv_loss", "test_natural_acc"):
+        torch.testing.assert_close(vectorized[key], sequential[key], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("ensemble", [0, 9, True])
+def test_the_audit_refuses_an_ensemble_size_outside_one_to_the_number_of_models(tmp_path: Path, ensemble) -> None:
+    from demem_ext.audit.shadow import train_shadow_models
+
+    with pytest.raises(ValueError, match=r"ensemble must be an integer in \[1, 8\]"):
+        train_shadow_models(TrainConfig(epochs=1), tmp_path, num_models=8, ensemble=ensemble)

@@ -119,16 +119,31 @@ def test_bad_training_options(bad: dict, match: str) -> None:
         TrainConfig(**bad)
 
 
-def test_demem_score_cross_entropy_is_the_loss_for_pgd_at_and_differs_for_trades(tmp_path: Path) -> None:
+def test_demem_score_cross_entropy_is_the_loss_for_pgd_at_and_the_ce_part_for_trades(tmp_path: Path,
+                                                                                     monkeypatch) -> None:
+    from demem_ext.middleware import DeMem
+
     tiny = {**TINY, "epochs": 1}
     runs = {}
-    for at in ("pgd", "trades"):
-        for score in ("loss", "cross_entropy"):
-            state = train(TrainConfig(**tiny, at=at, demem_score=score), tmp_path / f"{at}-{score}",
-                          progress=False, log=_quiet)
-            runs[at, score] = torch.cat([p.detach().flatten() for p in state.model.parameters()])
-    torch.testing.assert_close(runs["pgd", "cross_entropy"], runs["pgd", "loss"], rtol=0, atol=0)
-    assert not torch.equal(runs["trades", "cross_entropy"], runs["trades", "loss"])
+    for score in ("loss", "cross_entropy"):
+        state = train(TrainConfig(**tiny, demem_score=score), tmp_path / f"pgd-{score}", progress=False, log=_quiet)
+        runs[score] = torch.cat([p.detach().flatten() for p in state.model.parameters()])
+    torch.testing.assert_close(runs["cross_entropy"], runs["loss"], rtol=0, atol=0)
+
+    seen = []
+    real_backward = DeMem.backward
+
+    def spy(self, losses, indices=None, scores=None):
+        seen.append((losses.detach().clone(), None if scores is None else scores.clone()))
+        return real_backward(self, losses, indices=indices, scores=scores)
+
+    monkeypatch.setattr(DeMem, "backward", spy)
+    train(TrainConfig(**tiny, at="trades", beta=6.0, demem_score="cross_entropy"), tmp_path / "trades",
+          progress=False, log=_quiet)
+    assert seen and all(scores is not None and scores.shape == losses.shape for losses, scores in seen)
+    # TRADES' loss is CE + β·KL with KL ≥ 0: the CE score is never above the loss, and below it somewhere
+    assert all(bool((scores <= losses + 1e-5).all()) for losses, scores in seen)
+    assert any(bool((scores < losses - 1e-6).any()) for losses, scores in seen)
 
 
 def test_demem_score_natural_trains_and_bad_scores_are_refused(tmp_path: Path) -> None:
