@@ -75,8 +75,12 @@ class WeightingPath:
                              "and with D = its own B the step would get the sum of the calls' means "
                              "(docs/design.md, 'Gradient accumulation')")
         detached = losses.detach()
-        problem = "per_sample_losses (or scores) has non-finite values"
-        finite = torch.isfinite(detached) if scores is None else torch.isfinite(detached) & torch.isfinite(scores)
+        finite = torch.isfinite(detached)
+        problem = "per_sample_losses has non-finite values"
+        if scores is not None and not bool(torch.isfinite(scores).all()):
+            problem = ("per_sample_losses and scores have non-finite values" if not bool(finite.all())
+                       else "scores has non-finite values")
+            finite = finite & torch.isfinite(scores)
         keep = group.finite(self.policy, finite, problem)
         idx = None if idx is None else idx[keep.cpu()]
         kept = losses if bool(keep.all()) else losses[keep]

@@ -52,3 +52,13 @@ def test_bad_scores_are_refused(bad, match: str) -> None:
     with dx.DeMem(model, opt, CFG) as dm:
         with pytest.raises((ValueError, TypeError), match=match):
             dm.backward(loss_fn(model, x, y), scores=bad)
+
+
+def test_non_finite_scores_are_named() -> None:
+    model, (x, y) = make_model(), make_data()
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    scores = torch.zeros(x.shape[0])
+    scores[3] = float("nan")
+    with dx.DeMem(model, opt, CFG) as dm:
+        with pytest.raises(ValueError, match="scores has non-finite values"):
+            dm.backward(loss_fn(model, x, y), scores=scores)
