@@ -5,22 +5,23 @@ from __future__ import annotations
 
 import argparse
 import math
+from typing import Any
+
+
+def _at_least(value: float, low: int, text: str, kind: str) -> Any:
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be {kind} >= {low}, got {text!r}")
+    return value
 
 
 def positive_int(text: str) -> int:
     """An integer >= 1."""
-    value = _int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
-    return value
+    return _at_least(_int(text), 1, text, "an integer")
 
 
 def nonnegative_int(text: str) -> int:
     """An integer >= 0."""
-    value = _int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
-    return value
+    return _at_least(_int(text), 0, text, "an integer")
 
 
 def finite_float(text: str) -> float:
@@ -36,10 +37,7 @@ def finite_float(text: str) -> float:
 
 def nonnegative_float(text: str) -> float:
     """A finite number >= 0."""
-    value = finite_float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
-    return value
+    return _at_least(finite_float(text), 0, text, "a finite number")
 
 
 def device_available(name: str) -> bool:

@@ -55,7 +55,8 @@ from demem_ext.training.checkpoint import load_checkpoint, save_checkpoint
 from demem_ext.training.config import CHECKPOINT_NAME, METRICS_NAME, TrainConfig
 # loop's loader, RNG snapshot and metrics trim define what a sequential run does: reused, not copied
 from demem_ext.training.metrics import append_row, trim_rows
-from demem_ext.training.loop import (TrainState, _loader, _rng_state, _set_rng_state, build,
+from demem_ext.training.rng import rng_state, set_rng_state
+from demem_ext.training.loop import (TrainState, _loader, build,
                                      checkpoint_payload, privacy_report, restore, train)
 from demem_ext.training.models import DEFAULT_NORM
 from demem_ext.training.precision import to_memory_format
@@ -160,7 +161,7 @@ def _member(cfg: TrainConfig, seed: int, out_dir: Path, subset: Optional[Tensor]
         log(f"{out_dir}: training in {state.config.precision}, {state.config.memory_format} "
             f"({state.precision_reason})")
     trim_rows(metrics_path, state.epoch)
-    return _Member(state, out_dir, _rng_state(), dict(state.model.named_parameters()))
+    return _Member(state, out_dir, rng_state(), dict(state.model.named_parameters()))
 
 
 def _train_group(cfg: TrainConfig, seeds: list[int], out_dirs: list[Path], subsets: list[Optional[Tensor]],
@@ -208,7 +209,7 @@ def _own_generator(m: _Member) -> Iterator[None]:
     if m.rng["cuda"]:
         torch.cuda.set_rng_state_all(m.rng["cuda"])
     yield
-    m.rng["torch"] = torch.get_rng_state()
+    m.rng["torch"] = torch.getrng_state()
     if m.rng["cuda"]:
         m.rng["cuda"] = torch.cuda.get_rng_state_all()
 
@@ -298,7 +299,7 @@ def _end_epoch(m: _Member, log: Callable[[str], None]) -> None:
     state.epoch += 1
     metrics.update(epoch=state.epoch, seconds=time.perf_counter() - m.started, lr=lr, **privacy_report(state))
     append_row(m.out_dir / METRICS_NAME, metrics)  # before the checkpoint: a resume trims extra lines
-    _set_rng_state(m.rng)
+    set_rng_state(m.rng)
     save_checkpoint(checkpoint_payload(state), m.out_dir / CHECKPOINT_NAME)
     log(f"{m.out_dir}: epoch {state.epoch}: loss {metrics['train_loss']:.4f}  adv acc {metrics['train_adv_acc']:.3f}"
         f"  high-risk {metrics['high_risk_fraction']:.3f}  clip {metrics['clip_fraction']:.3f}")

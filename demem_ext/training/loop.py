@@ -8,16 +8,13 @@ only rank 0 writes metrics and checkpoints.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -35,6 +32,7 @@ from demem_ext.sampling import collate_allowing_empty
 from demem_ext.training.models import build_model, has_batchnorm
 from demem_ext.training.resume import extended_payload
 from demem_ext.training.validate import check_model_state, check_payload, loading
+from demem_ext.training.rng import rng_state, seed_everything, set_rng_state
 from demem_ext.training.precision import autocast, model_to_memory_format, to_memory_format
 
 @dataclass
@@ -62,13 +60,6 @@ class TrainState:
     def autocast(self):
         """The precision context of a training step (the attack and the training loss)."""
         return autocast(self.config.precision, self.device)
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 @contextlib.contextmanager
@@ -312,23 +303,6 @@ def train_epoch(state: TrainState, progress: bool = True) -> dict[str, float]:
             "high_risk_fraction": totals["high_risk"] / n, "clip_fraction": totals["clip"] / n}
 
 
-def _rng_state() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
-            "numpy_pos": int(np.random.get_state()[2]),
-            "python": json.dumps(random.getstate())}
-
-
-def _set_rng_state(rng: dict[str, Any]) -> None:
-    torch.set_rng_state(rng["torch"])
-    if torch.cuda.is_available() and rng["cuda"]:
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    np.random.set_state(("MT19937", rng["numpy"].numpy().astype(np.uint32), rng["numpy_pos"], 0, 0.0))
-    version, internal, gauss = json.loads(rng["python"])
-    random.setstate((version, tuple(internal), gauss))
-
-
 def checkpoint_payload(state: TrainState) -> dict[str, Any]:
     """What a checkpoint holds: tensors, numbers, strings and containers only (weights_only loads)."""
     return {
@@ -339,7 +313,7 @@ def checkpoint_payload(state: TrainState) -> dict[str, Any]:
         "optimizer": state.optimizer.state_dict(),
         "scheduler": state.scheduler.state_dict() if state.scheduler is not None else None,
         "demem": state.demem.state_dict() if state.demem is not None else None,
-        "rng": _rng_state(),
+        "rng": rng_state(),
         "train_subset": state.train_subset,
         "loss_record": state.loss_record,
     }
@@ -368,7 +342,7 @@ def restore(payload: dict[str, Any], source: str = "checkpoint") -> TrainState:
             raise ValueError(f"{source}: field loss_record: expected shape {list(state.loss_record.shape)}")
         state.loss_record = record
     with loading(source, "rng"):
-        _set_rng_state(payload["rng"])
+        set_rng_state(payload["rng"])
     return state
 
 
