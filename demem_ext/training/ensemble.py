@@ -209,7 +209,7 @@ def _own_generator(m: _Member) -> Iterator[None]:
     if m.rng["cuda"]:
         torch.cuda.set_rng_state_all(m.rng["cuda"])
     yield
-    m.rng["torch"] = torch.getrng_state()
+    m.rng["torch"] = torch.get_rng_state()
     if m.rng["cuda"]:
         m.rng["cuda"] = torch.cuda.get_rng_state_all()
 
