@@ -132,12 +132,12 @@ def given_train_flags(argv: Sequence[str]) -> dict[str, Any]:
 def ignored_on_resume(given: dict[str, Any], stored: dict[str, Any]) -> list[str]:
     """The given flags (given_train_flags) whose value differs from the stored run configuration, as
     "--flag value (the run's: stored value)"; flags that are not configuration fields are left out."""
-    defaults = DeMemConfig()
+    stored_demem = dataclasses.asdict(TrainConfig.from_dict(stored).demem_config())
     ignored = []
     for dest, value in given.items():
         if dest.startswith("demem_"):
             name = dest[len("demem_"):]
-            flag, old = name, stored["demem"].get(name, getattr(defaults, name))
+            flag, old = name, stored_demem[name]
         elif dest == "no_demem":
             flag, old = dest, not stored["use_demem"]
         elif dest in stored and dest not in _RUN_ONLY:

@@ -16,6 +16,9 @@ SCHEDULES = ("cosine", "step", "none")
 PATHS = ("auto", "weighting", "per_sample")
 SAMPLING_CHOICES = ("auto", "poisson", "shuffle")
 DEMEM_SCORES = ("loss", "cross_entropy", "natural")
+# DeMemConfig defaults that have changed since configs stored only their non-default DeMem fields (λ was 0.5 until
+# the tuning seeds chose 0.75, docs/audit.md): such a stored config is read with these
+LEGACY_DEMEM_DEFAULTS: dict[str, Any] = {"lam": 0.5}
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
 
@@ -50,7 +53,9 @@ class TrainConfig:
     path: str = "auto"
     nonfinite: str = "error"
     chunk_size: Optional[int] = None
-    demem: dict = field(default_factory=dict)  # DeMemConfig fields that differ from the defaults
+    # DeMemConfig fields. With use_demem, __post_init__ spells out every field, so a stored config pins its rule and a
+    # later change of DeMemConfig's defaults cannot silently change a stored run on resume, eval or audit.
+    demem: dict = field(default_factory=dict)
     # what DeMem's risk rule reads: the training loss, its cross-entropy part (TRADES: CE(f(x), y); MART: the
     # boosted CE; PGD-AT: the loss itself) or the natural loss CE(f(x), y) (an eval-mode forward, no gradient)
     demem_score: str = "loss"
@@ -89,6 +94,8 @@ class TrainConfig:
                              "it cannot be combined with clipping or noise")
         accounting.check_delta(self.delta)
         cfg = self.demem_config()  # validates the DeMem fields
+        if self.use_demem:
+            object.__setattr__(self, "demem", dataclasses.asdict(cfg))
         if self.target_epsilon is not None:
             if isinstance(self.target_epsilon, bool) or not isinstance(self.target_epsilon, (int, float)) or not (
                     0 < self.target_epsilon < float("inf")):
@@ -167,4 +174,7 @@ class TrainConfig:
             values = {**values, "sampling": "shuffle"}
         if "precision" not in values:  # written before the precision option: fp32, contiguous
             values = {**values, "precision": "fp32", "memory_format": "contiguous"}
+        if values.get("use_demem", True) and isinstance(values.get("demem"), dict):
+            # written when only non-default DeMem fields were stored: a missing field had that time's default
+            values = {**values, "demem": {**LEGACY_DEMEM_DEFAULTS, **values["demem"]}}
         return cls(**values)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -153,3 +154,20 @@ def test_demem_score_natural_trains_and_bad_scores_are_refused(tmp_path: Path) -
         TrainConfig(demem_score="margin")
     with pytest.raises(ValueError, match="only supported on the weighting path"):
         TrainConfig(demem_score="natural", demem={"max_grad_norm": 1.0})
+
+
+def test_stored_configs_pin_every_demem_field_and_old_ones_keep_their_lambda() -> None:
+    from demem_ext.config import DeMemConfig
+    from demem_ext.training.config import LEGACY_DEMEM_DEFAULTS
+
+    cfg = TrainConfig(demem={"k": 2.0})
+    stored = cfg.to_dict()
+    assert stored["demem"] == dataclasses.asdict(DeMemConfig(k=2.0))  # every field spelled out, not only k
+    assert TrainConfig.from_dict(stored) == cfg and cfg.matches(stored)
+    # written before the fields were pinned: only k was stored, and λ had its default of that time
+    old = {**stored, "demem": {"k": 2.0}}
+    assert TrainConfig.from_dict(old).demem_config().lam == LEGACY_DEMEM_DEFAULTS["lam"] == 0.5
+    assert not cfg.matches(old)  # the default is now 0.75: the old run is a different configuration
+    # DeMem off: the fields stay as given, so a stored baseline still matches
+    baseline = TrainConfig(use_demem=False)
+    assert baseline.demem == {} and baseline.matches({**baseline.to_dict()})

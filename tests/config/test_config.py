@@ -30,7 +30,7 @@ def test_bad_value_names_the_field(field, value):
 def test_defaults_and_good_values():
     cfg = DeMemConfig()
     assert (cfg.lam, cfg.proxy, cfg.threshold, cfg.max_grad_norm, cfg.expected_batch_size) == (
-        0.5, "loss", "mean", None, None)
+        0.75, "loss", "mean", None, None)
     DeMemConfig(lam=0.0, proxy="trace", trace_decay=0.0, selection="soft", threshold="quantile",
                 quantile=0.5, k=-1.0, tau=-3, temperature=0.1, max_grad_norm=1, noise_multiplier=0.0,
                 clip_scope="high_risk", expected_batch_size=64)
