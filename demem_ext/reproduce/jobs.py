@@ -28,10 +28,18 @@ def _worker_init() -> None:
     torch.set_num_threads(1)
 
 
-def _train_model(cfg_dict: dict[str, Any], out_dir: str, num_models: int, keep_seed: int, model_id: int) -> list[int]:
-    """Train exactly one shadow model (shard (model_id, M) holds only that model); in a worker process."""
+def shards(num_models: int, ensemble: int) -> int:
+    """How many shards the M models of a configuration are split into: shard s holds models s, s + S, ...,
+    at most `ensemble` of them (one model each when ensemble is 1), trained together in one process."""
+    return -(-num_models // ensemble)
+
+
+def _train_shard(cfg_dict: dict[str, Any], out_dir: str, num_models: int, keep_seed: int, shard: int,
+                 ensemble: int) -> list[int]:
+    """Train the missing models of one shard (in a worker process); an ensemble when it holds several."""
     return train_shadow_models(TrainConfig.from_dict(cfg_dict), out_dir, num_models=num_models, seed=keep_seed,
-                               shard=(model_id, num_models), progress=False, log=lambda _: None)
+                               shard=(shard, shards(num_models, ensemble)), progress=False, log=lambda _: None,
+                               ensemble=ensemble)
 
 
 class Pool:
@@ -75,50 +83,62 @@ def _record_divergence(c: Configuration, out: Path, model_id: int, exc: Exceptio
 
 
 def train_all(selected: Sequence[Configuration], out: Path, num_models: int, keep_seed: int, pool: Pool,
-               progress: bool, log: Callable[[str], None]) -> dict[str, list[int]]:
+               progress: bool, log: Callable[[str], None], ensemble: int = 1) -> dict[str, list[int]]:
     """Train the missing shadow models of the configurations; returns the ids trained per folder.
 
+    ensemble K > 1: a configuration's models are trained K at a time in one process (shards, see `shards`).
     A configuration whose training turns non-finite (NonFiniteError) is recorded as diverged and its
     other models are not trained; the run goes on with the other configurations.
     """
+    if isinstance(ensemble, bool) or not isinstance(ensemble, int) or not 1 <= ensemble <= num_models:
+        raise ValueError(f"ensemble must be an integer in [1, {num_models}] (the number of models), got {ensemble!r}")
     trained: dict[str, list[int]] = {c.folder: [] for c in selected}
     live = [c for c in selected if divergence(c, out) is None]
-    todo = [(c, i) for c in live for i in missing_models(out / c.folder, num_models)]
+    count = shards(num_models, ensemble)
+    todo = [(c, s, missing) for c in live for s in range(count)
+            for missing in [[i for i in missing_models(out / c.folder, num_models) if i % count == s]] if missing]
     if not todo:
         return trained
     for c in live:
         prepare_masks(c.config, out / c.folder, num_models, keep_seed)  # before workers race; refuses a mismatch
     start = time.perf_counter()
+    total = sum(len(missing) for _, _, missing in todo)
+    finished = 0
     if pool.jobs <= 1:
-        for done, (c, i) in enumerate(todo):
+        for c, s, missing in todo:
             if divergence(c, out) is not None:
                 continue
-            log(f"[{c.slug}] training shadow model {i + 1}/{num_models} ({c.name}); all models: "
-                f"{progress_text(time.perf_counter() - start, done, len(todo))}")
+            log(f"[{c.slug}] training shadow model(s) {', '.join(str(i + 1) for i in missing)} of {num_models} "
+                f"({c.name}); all models: {progress_text(time.perf_counter() - start, finished, total)}")
             try:
                 trained[c.folder] += train_shadow_models(c.config, out / c.folder, num_models=num_models,
-                                                         seed=keep_seed, shard=(i, num_models), progress=progress,
-                                                         log=lambda m, s=c.slug: log(f"[{s}] {m}"))
+                                                         seed=keep_seed, shard=(s, count), progress=progress,
+                                                         log=lambda m, s=c.slug: log(f"[{s}] {m}"),
+                                                         ensemble=ensemble)
             except NonFiniteError as exc:
-                _record_divergence(c, out, i, exc, log)
+                _record_divergence(c, out, missing[0], exc, log)
+            finished += len(missing)
         return trained
-    log(f"training {len(todo)} shadow models in {pool.jobs} processes")
+    log(f"training {total} shadow models in {pool.jobs} processes" +
+        (f", {ensemble} at a time per process" if ensemble > 1 else ""))
     executor = pool.get()
-    futures = {executor.submit(_train_model, c.config.to_dict(), str(out / c.folder), num_models, keep_seed, i): (c, i)
-               for c, i in todo}
-    for done, future in enumerate(concurrent.futures.as_completed(futures), 1):
-        c, i = futures[future]
+    futures = {executor.submit(_train_shard, c.config.to_dict(), str(out / c.folder), num_models, keep_seed, s,
+                               ensemble): (c, missing) for c, s, missing in todo}
+    for future in concurrent.futures.as_completed(futures):
+        c, missing = futures[future]
         if future.cancelled():
             continue
+        finished += len(missing)
         try:
             trained[c.folder] += future.result()
         except NonFiniteError as exc:
-            _record_divergence(c, out, i, exc, log)
+            _record_divergence(c, out, missing[0], exc, log)
             for other, (c2, _) in futures.items():
                 if c2 is c:
                     other.cancel()  # models of c not started yet
             continue
-        log(f"[{c.slug}] model {i} done; all models: {progress_text(time.perf_counter() - start, done, len(todo))}")
+        log(f"[{c.slug}] model(s) {', '.join(map(str, missing))} done; all models: "
+            f"{progress_text(time.perf_counter() - start, finished, total)}")
     for ids in trained.values():
         ids.sort()
     return trained

@@ -98,14 +98,15 @@ def _figures(ordered: Sequence[dict[str, Any]], stats: dict[str, Any], scores: d
 
 def _replicate(out: Path, base: TrainConfig, selected_slugs: Sequence[str], num_models: int, keep_seed: int,
                pool: Pool, autoattack: str, eval_limit: Optional[int], progress: bool,
-               log: Callable[[str], None]) -> dict[str, Any]:
-    """Train, audit and evaluate one replicate (one inclusion-mask seed) in out; the summary's numbers."""
+               log: Callable[[str], None], ensemble: int = 1) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Train, audit and evaluate one replicate (one inclusion-mask seed) in out; the summary's numbers, and
+    the primary attack's (scores, is_member) per configuration."""
     all_configs = configurations(base)
     first = [c for c in all_configs if c.slug in selected_slugs and c.slug != TRACE_SLUG]
     rows: dict[str, dict[str, Any]] = {}
     stats: dict[str, dict[str, Any]] = {}
     scores: dict[str, Any] = {}
-    trained = train_all(first, out, num_models, keep_seed, pool, progress, log)
+    trained = train_all(first, out, num_models, keep_seed, pool, progress, log, ensemble)
     evaluate_all(first, out, autoattack, eval_limit, pool, log)
     for c in first:
         evaluate(c, out, num_models, autoattack, eval_limit, log, rows, stats, scores)
@@ -113,15 +114,16 @@ def _replicate(out: Path, base: TrainConfig, selected_slugs: Sequence[str], num_
     log(f"λ choice: {choice['reason']}")
     if TRACE_SLUG in selected_slugs:
         trace = next(c for c in configurations(base, trace_lam=choice["lam"]) if c.slug == TRACE_SLUG)
-        trained.update(train_all([trace], out, num_models, keep_seed, pool, progress, log))
+        trained.update(train_all([trace], out, num_models, keep_seed, pool, progress, log, ensemble))
         evaluate_all([trace], out, autoattack, eval_limit, pool, log)
         evaluate(trace, out, num_models, autoattack, eval_limit, log, rows, stats, scores)
     ordered = [rows[s] for s in ALL_SLUGS if s in rows]
-    add_bootstrap(ordered, {s: v[rows[s]["primary"]["attack"]] for s, v in scores.items()})
+    primary = {s: v[rows[s]["primary"]["attack"]] for s, v in scores.items()}
+    add_bootstrap(ordered, primary)
     plots, by_bin = _figures(ordered, stats, scores, out, autoattack != "none", choice)
     best_slug = f"pgd-demem-l{choice['lam']:g}"
     return {"trained": trained, "lambda_choice": choice, "best_sweep_slug": best_slug if best_slug in rows else None,
-            "rows": ordered, "accuracy_by_memorization": by_bin, "plots": plots}
+            "rows": ordered, "accuracy_by_memorization": by_bin, "plots": plots}, primary
 
 
 def parse_seeds(text: Optional[str | Sequence[int]]) -> Optional[list[int]]:
@@ -143,7 +145,7 @@ def reproduce(out_dir: str | Path, quick: bool = False, dataset: str = "digits",
               autoattack: Optional[str] = None, progress: bool = False, log: Callable[[str], None] = print,
               base_overrides: Optional[dict[str, Any]] = None, eval_limit: Optional[int] = None,
               keep_seed: int = 0, command: Optional[str] = None, results_path: Optional[str | Path] = None,
-              keep_seeds: Optional[str | Sequence[int]] = None) -> dict[str, Any]:
+              keep_seeds: Optional[str | Sequence[int]] = None, ensemble: int = 1) -> dict[str, Any]:
     """Run (or resume) the comparison in out_dir; returns the summary (also out_dir/summary.json).
 
     quick: M = 4 models, 15 epochs of batch 32, AutoAttack "fast"; else M = 16, TrainConfig's epochs, "standard".
@@ -153,6 +155,7 @@ def reproduce(out_dir: str | Path, quick: bool = False, dataset: str = "digits",
     there (PNGs copied next to it); out_dir/results.md is always written.
     keep_seeds: R >= 2 inclusion-mask seeds: R replicates in out_dir/keep-<seed>/, summarised in out_dir
     (mean over replicates with 95% t-intervals); otherwise the one replicate keep_seed, in out_dir itself.
+    ensemble: train K models of a configuration at once per process (vectorized, `train_ensemble`).
     """
     start = time.perf_counter()
     out = Path(out_dir)
@@ -163,6 +166,8 @@ def reproduce(out_dir: str | Path, quick: bool = False, dataset: str = "digits",
         raise ValueError(f"models must be an integer >= 2 (leave-one-out LiRA), got {num_models!r}")
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"jobs must be a positive integer, got {jobs!r}")
+    if isinstance(ensemble, bool) or not isinstance(ensemble, int) or not 1 <= ensemble <= num_models:
+        raise ValueError(f"ensemble must be an integer in [1, {num_models}] (the number of models), got {ensemble!r}")
     autoattack = autoattack or ("fast" if quick else "standard")
     if autoattack not in ("standard", "fast", "none"):
         raise ValueError(f"autoattack must be 'standard', 'fast' or 'none', got {autoattack!r}")
@@ -173,21 +178,23 @@ def reproduce(out_dir: str | Path, quick: bool = False, dataset: str = "digits",
     use_aa = autoattack != "none"
     common = {
         "command": command or f"demem_ext.reproduce.reproduce({str(out)!r}, quick={quick}, models={models}, "
-                              f"epochs={epochs}, configs={configs!r}, jobs={jobs}, autoattack={autoattack!r}, "
+                              f"epochs={epochs}, configs={configs!r}, jobs={jobs}, ensemble={ensemble}, "
+                              f"autoattack={autoattack!r}, "
                               f"keep_seeds={seeds})",
         "quick": quick, "dataset": dataset, "num_models": num_models, "epochs": base.epochs,
-        "autoattack": autoattack, "eval_limit": eval_limit, "jobs": jobs,
+        "autoattack": autoattack, "eval_limit": eval_limit, "jobs": jobs, "ensemble": ensemble,
         "base_config": base.to_dict(), "base_overrides": base_overrides or {}, "versions": _versions(),
         "bootstrap_resamples": BOOTSTRAP_RESAMPLES, "primary_attack": None, "primary_rule": PRIMARY_RULE,
         "robust_axis": "AutoAttack accuracy of model 0" if use_aa else "mean PGD-20 test accuracy"}
     summaries: dict[int, dict[str, Any]] = {}
+    primary_scores: dict[int, dict[str, Any]] = {}
     pool = Pool(jobs)
     try:
         for seed in seeds:
             folder = out if len(seeds) == 1 else out / f"keep-{seed}"
             folder.mkdir(parents=True, exist_ok=True)
-            numbers = _replicate(folder, base, selected_slugs, num_models, seed, pool, autoattack, eval_limit,
-                                 progress, log)
+            numbers, primary_scores[seed] = _replicate(folder, base, selected_slugs, num_models, seed, pool,
+                                                       autoattack, eval_limit, progress, log, ensemble)
             primary = next((r["primary"]["attack"] for r in numbers["rows"] if r["status"] == "ok"), None)
             summary = {**common, **numbers, "out_dir": str(folder), "keep_seed": seed, "primary_attack": primary,
                        "seeds": {"keep_seed": seed, "model_seeds": f"base seed {base.seed} + model id "
@@ -203,7 +210,7 @@ def reproduce(out_dir: str | Path, quick: bool = False, dataset: str = "digits",
         summary = summaries[seeds[0]]
     else:  # the replicates' report: replicate table, and replicate 0's per-configuration detail
         first = summaries[seeds[0]]
-        summary = {**first, "out_dir": str(out), "keep_seeds": seeds, "replicates": replicate_table(summaries),
+        summary = {**first, "out_dir": str(out), "keep_seeds": seeds, "replicates": replicate_table(summaries, primary_scores),
                    "replicate_folders": {s: f"keep-{s}" for s in seeds},
                    "plots": {k: (f"keep-{seeds[0]}/{v}" if v else None) for k, v in first["plots"].items()},
                    "wall_seconds": round(time.perf_counter() - start, 1)}

@@ -4,7 +4,9 @@
   together) of each row's TPR and, paired on the same resamples, of its change from the family's
   baseline (PGD-AT or TRADES). It covers the sampling of the audited samples, not training randomness.
 - Across R replicates (independent inclusion-mask seeds): per replicate the paired change against the
-  family baseline, then the mean with a 95% t-interval over the R replicates.
+  family baseline, then the mean with a 95% t-interval over the R replicates; and, since a t-interval
+  over two or three replicates is too wide to decide anything, the change of the mean TPR with a paired
+  bootstrap over samples pooled over the replicates (each replicate resampled on its own).
 
 A relative change is undefined (None) when the baseline's TPR is 0 (0/0 or x/0); the difference in
 points is always defined.
@@ -72,10 +74,32 @@ def t_interval(values: Sequence[float], level: float = 0.95) -> Optional[list[fl
     return [float(v.mean() - half), float(v.mean() + half)]
 
 
-def replicate_table(summaries: Mapping[int, Mapping[str, Any]]) -> list[dict[str, Any]]:
+Pair = tuple[torch.Tensor, torch.Tensor]  # the primary attack's (scores [M, N], is_member [M, N])
+
+
+def pooled_change(replicates: Sequence[tuple[Pair, Pair]], points: Sequence[tuple[float, float]], fpr: float,
+                  resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED) -> dict[str, Any]:
+    """The change of the mean TPR at `fpr` over replicates from the baseline's, with a paired bootstrap:
+    each replicate's samples are resampled on their own (its configuration and baseline on the same
+    resamples), and the resampled TPRs are averaged over replicates. replicates: (configuration, baseline)
+    pairs; points: their (TPR, baseline TPR) on all samples."""
+    draws = [metrics.bootstrap_tpr_at_fpr([mine, base], fpr, resamples=resamples, seed=seed + r)
+             for r, (mine, base) in enumerate(replicates)]
+    mine, theirs = np.mean([d[:, 0] for d in draws], axis=0), np.mean([d[:, 1] for d in draws], axis=0)
+    point, base_point = float(np.mean([p for p, _ in points])), float(np.mean([b for _, b in points]))
+    defined = theirs > 0
+    return {"difference": point - base_point, "difference_ci95": _percentiles(mine - theirs),
+            "relative": relative_change(point, base_point),
+            "relative_ci95": (_percentiles(mine[defined] / theirs[defined] - 1)
+                              if defined.mean() >= 0.975 and base_point > 0 else None)}
+
+
+def replicate_table(summaries: Mapping[int, Mapping[str, Any]],
+                    pairs: Optional[Mapping[int, Mapping[str, Pair]]] = None) -> list[dict[str, Any]]:
     """Per configuration present (status ok) in every replicate (keep seed -> summary): the primary
     attack's TPR at each FPR and its paired change from the family baseline per replicate, with the
-    mean and the 95% t-interval over replicates."""
+    mean and the 95% t-interval over replicates. pairs (keep seed -> slug -> primary scores): also the
+    pooled paired bootstrap of the change (`pooled_change`)."""
     seeds = list(summaries)
     rows = {s: {r["slug"]: r for r in summaries[s]["rows"] if r["status"] == "ok"} for s in seeds}
     common = [slug for slug in rows[seeds[0]] if all(slug in rows[s] for s in seeds)]
@@ -96,6 +120,9 @@ def replicate_table(summaries: Mapping[int, Mapping[str, Any]]) -> list[dict[str
                 cell["difference"] = {"values": diffs, "mean": float(np.mean(diffs)), "ci95": t_interval(diffs)}
                 cell["relative"] = ({"values": rel, "mean": float(np.mean(rel)), "ci95": t_interval(rel)}
                                     if None not in rel else None)
+                if pairs is not None and all(slug in pairs[s] and base in pairs[s] for s in seeds):
+                    cell["pooled"] = pooled_change([(pairs[s][slug], pairs[s][base]) for s in seeds],
+                                                   list(zip(values, bases)), f)
             entry[f"{f:g}"] = cell
         out.append(entry)
     return out

@@ -51,19 +51,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from demem_ext.middleware import collectives as distributed
-from demem_ext.training.checkpoint import load_checkpoint, save_checkpoint
+from demem_ext.training.checkpoint import load_checkpoint
 from demem_ext.training.config import CHECKPOINT_NAME, METRICS_NAME, TrainConfig
-# loop's loader, RNG snapshot and metrics trim define what a sequential run does: reused, not copied
-from demem_ext.training.metrics import append_row, trim_rows
+# loop's loader, end of an epoch, RNG snapshot and metrics trim define what a sequential run does: reused, not copied
+from demem_ext.training.metrics import trim_rows
 from demem_ext.training.rng import rng_state, set_rng_state
-from demem_ext.training.loop import (TrainState, _loader, build,
-                                     checkpoint_payload, privacy_report, restore, train)
+from demem_ext.training.loop import (EPOCH_TOTALS, TrainState, build, epoch_loader, epoch_means, finish_epoch,
+                                     restore, train)
 from demem_ext.training.models import DEFAULT_NORM
 from demem_ext.training.precision import to_memory_format
 from demem_ext.training.stacked import BACKENDS, StackedForward, grouped_layers
 
 ENSEMBLE_BACKENDS = ("auto", *BACKENDS)
-_TOTALS = ("loss", "correct", "count", "high_risk", "clip", "batches")
 
 
 @dataclass
@@ -75,7 +74,7 @@ class _Member:
     rng: dict[str, Any]  # loop's checkpoint format; "torch" (and "cuda") advance with the attack's draws
     params: dict[str, nn.Parameter]
     batches: Optional[Iterator] = None
-    totals: dict[str, float] = field(default_factory=lambda: dict.fromkeys(_TOTALS, 0.0))
+    totals: dict[str, float] = field(default_factory=lambda: dict.fromkeys(EPOCH_TOTALS, 0.0))
     started: float = 0.0
 
     @property
@@ -191,8 +190,8 @@ def _next_batch(m: _Member, log: Callable[[str], None]) -> Optional[tuple[Tensor
     """The member's next batch; ends its epoch (and starts the next) when the epoch runs out; None when done."""
     while not m.done:
         if m.batches is None:
-            m.batches = iter(_loader(m.state, m.state.epoch))
-            m.totals = dict.fromkeys(_TOTALS, 0.0)
+            m.batches = iter(epoch_loader(m.state, m.state.epoch))
+            m.totals = dict.fromkeys(EPOCH_TOTALS, 0.0)
             m.started = time.perf_counter()
         batch = next(m.batches, None)
         if batch is not None:
@@ -288,18 +287,10 @@ def _add_batch(m: _Member, losses: Tensor, logits: Tensor, y: Tensor) -> None:
 
 
 def _end_epoch(m: _Member, log: Callable[[str], None]) -> None:
-    """loop.train's end of an epoch: scheduler step, metrics line, then the checkpoint (with the member's RNG)."""
-    state, t = m.state, m.totals
+    """loop.train's end of an epoch (scheduler step, then loop.finish_epoch), checkpointing the member's RNG."""
+    state = m.state
     lr = state.optimizer.param_groups[0]["lr"]  # the epoch's own (the scheduler steps at its end)
     if state.scheduler is not None:
         state.scheduler.step()
-    n = max(t["batches"], 1.0)
-    metrics: dict[str, Any] = {"train_loss": t["loss"] / n, "train_adv_acc": t["correct"] / max(t["count"], 1.0),
-                               "high_risk_fraction": t["high_risk"] / n, "clip_fraction": t["clip"] / n}
-    state.epoch += 1
-    metrics.update(epoch=state.epoch, seconds=time.perf_counter() - m.started, lr=lr, **privacy_report(state))
-    append_row(m.out_dir / METRICS_NAME, metrics)  # before the checkpoint: a resume trims extra lines
-    set_rng_state(m.rng)
-    save_checkpoint(checkpoint_payload(state), m.out_dir / CHECKPOINT_NAME)
-    log(f"{m.out_dir}: epoch {state.epoch}: loss {metrics['train_loss']:.4f}  adv acc {metrics['train_adv_acc']:.3f}"
-        f"  high-risk {metrics['high_risk_fraction']:.3f}  clip {metrics['clip_fraction']:.3f}")
+    set_rng_state(m.rng)  # the checkpoint stores the member's streams
+    finish_epoch(state, epoch_means(m.totals), lr, m.started, m.out_dir, lambda line: log(f"{m.out_dir}: {line}"))

@@ -35,6 +35,9 @@ from demem_ext.training.validate import check_model_state, check_payload, loadin
 from demem_ext.training.rng import rng_state, seed_everything, set_rng_state
 from demem_ext.training.precision import autocast, model_to_memory_format, to_memory_format
 
+EPOCH_TOTALS = ("loss", "correct", "count", "high_risk", "clip", "batches")  # summed over an epoch's batches
+
+
 @dataclass
 class TrainState:
     """The objects a run trains, rebuilt identically from a TrainConfig."""
@@ -176,7 +179,7 @@ def build(cfg: TrainConfig, train_subset: Optional[torch.Tensor] = None) -> Trai
                       world_size=world, loss_record=record, precision_reason=precision_reason)
 
 
-def _loader(state: TrainState, epoch: int) -> DataLoader:
+def epoch_loader(state: TrainState, epoch: int) -> DataLoader:
     """The epoch's batches: shuffled, or Poisson (each sample with probability batch_size / N, batches may be
     empty); they depend only on (seed, epoch), so resuming replays them.
 
@@ -273,8 +276,8 @@ def train_epoch(state: TrainState, progress: bool = True) -> dict[str, float]:
     from tqdm import tqdm
 
     device = state.device
-    totals = {"loss": 0.0, "correct": 0.0, "count": 0.0, "high_risk": 0.0, "clip": 0.0, "batches": 0.0}
-    bar = tqdm(_loader(state, state.epoch), desc=f"epoch {state.epoch + 1}/{state.config.epochs}",
+    totals = dict.fromkeys(EPOCH_TOTALS, 0.0)
+    bar = tqdm(epoch_loader(state, state.epoch), desc=f"epoch {state.epoch + 1}/{state.config.epochs}",
                disable=not progress or state.rank != 0, leave=False)
     for x, y, idx in bar:
         x, y = to_memory_format(x.to(device), state.config.memory_format), y.to(device)
@@ -298,9 +301,29 @@ def train_epoch(state: TrainState, progress: bool = True) -> dict[str, float]:
     if state.world_size > 1:  # metrics of all ranks' batches
         summed = distributed.all_reduce_sum(torch.tensor(list(totals.values()), dtype=torch.float64))
         totals = dict(zip(totals, summed.tolist()))
+    return epoch_means(totals)
+
+
+def epoch_means(totals: dict[str, float]) -> dict[str, float]:
+    """An epoch's metrics from its EPOCH_TOTALS: mean loss, adversarial accuracy and DeMem fractions."""
     n = max(totals["batches"], 1.0)  # every batch of an epoch may be empty with Poisson sampling
     return {"train_loss": totals["loss"] / n, "train_adv_acc": totals["correct"] / max(totals["count"], 1.0),
             "high_risk_fraction": totals["high_risk"] / n, "clip_fraction": totals["clip"] / n}
+
+
+def finish_epoch(state: TrainState, metrics: dict[str, Any], lr: float, started: float, out_dir: Path,
+                 log: Callable[[str], None], write: bool = True) -> None:
+    """The end of an epoch whose scheduler has stepped: count it, append its metrics line, save the
+    checkpoint (in that order: a resume trims extra lines) and log it. write=False (ranks other than 0)
+    only counts; under torch.distributed every rank waits until the checkpoint is complete."""
+    state.epoch += 1
+    metrics.update(epoch=state.epoch, seconds=time.perf_counter() - started, lr=lr, **privacy_report(state))
+    if write:
+        append_row(out_dir / METRICS_NAME, metrics)
+        save_checkpoint(checkpoint_payload(state), out_dir / CHECKPOINT_NAME)
+    if state.world_size > 1:
+        dist.barrier()
+    log(f"epoch {state.epoch}: " + "  ".join(f"{name} {value}" for name, value in _shown(state, metrics)))
 
 
 def checkpoint_payload(state: TrainState) -> dict[str, Any]:
@@ -385,15 +408,7 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike, resume: bool = False, pr
         while state.epoch < state.config.epochs:
             start = time.perf_counter()
             lr = state.optimizer.param_groups[0]["lr"]  # the epoch's own (the scheduler steps at its end)
-            metrics = train_epoch(state, progress=progress)
-            state.epoch += 1
-            metrics.update(epoch=state.epoch, seconds=time.perf_counter() - start, lr=lr, **privacy_report(state))
-            if main:
-                append_row(metrics_path, metrics)  # before the checkpoint: a resume trims extra lines
-                save_checkpoint(checkpoint_payload(state), ckpt_path)
-            if state.world_size > 1:
-                dist.barrier()  # a checkpoint is complete before any rank goes on (or stops)
-            log(f"epoch {state.epoch}: " + "  ".join(f"{name} {value}" for name, value in _shown(state, metrics)))
+            finish_epoch(state, train_epoch(state, progress=progress), lr, start, out, log, write=main)
     return state
 
 

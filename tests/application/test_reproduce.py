@@ -171,4 +171,23 @@ def test_replicates_get_their_own_folders_and_a_t_interval_summary(tmp_path: Pat
         assert json.loads((tmp_path / f"keep-{seed}" / "summary.json").read_text())["keep_seed"] == seed
     entry = {e["slug"]: e for e in summary["replicates"]}["pgd-demem-l1"]
     assert entry["seeds"] == [0, 1] and len(entry["0.01"]["difference"]["values"]) == 2
-    assert "## Replicates" in (tmp_path / "results.md").read_text()
+    pooled = entry["0.01"]["pooled"]  # the paired bootstrap pooled over the replicates
+    assert pooled["difference"] == pytest.approx(entry["0.01"]["difference"]["mean"])
+    lo, hi = pooled["difference_ci95"]
+    assert lo <= hi
+    text = (tmp_path / "results.md").read_text()
+    assert "## Replicates" in text and "pooled @1%" in text
+
+
+def test_ensemble_trained_replicate_gives_the_sequential_audit(tmp_path: Path) -> None:
+    """--ensemble 2: both models of a configuration trained at once in one process, same statistics."""
+    kwargs = dict(models=2, epochs=1, configs=["pgd-demem-l1"], autoattack="none", eval_limit=16,
+                  base_overrides={"attack_steps": 1, "batch_size": 256}, log=_quiet)
+    alone = reproduce(tmp_path / "alone", **kwargs)
+    together = reproduce(tmp_path / "together", ensemble=2, **kwargs)
+    assert together["ensemble"] == 2 and together["trained"] == alone["trained"] == {"pgd-demem-l1": [0, 1]}
+    a, b = (json.loads((tmp_path / d / "pgd-demem-l1" / "audit.json").read_text()) for d in ("alone", "together"))
+    for attack, row in a["attacks"].items():
+        assert b["attacks"][attack]["auc"] == pytest.approx(row["auc"], abs=1e-4)
+    with pytest.raises(ValueError, match="ensemble must be an integer in \\[1, 2\\]"):
+        reproduce(tmp_path / "bad", ensemble=3, **kwargs)

@@ -11,7 +11,8 @@ import torch
 from demem_ext.reproduce import parse_seeds
 from demem_ext.reproduce.plots import plot_accuracy_by_memorization, spread_labels
 from demem_ext.reproduce.report import _vs_base, replicate_lines
-from demem_ext.reproduce.statistics import add_bootstrap, relative_change, replicate_table, t_interval
+from demem_ext.reproduce.statistics import (add_bootstrap, pooled_change, relative_change, replicate_table,
+                                           t_interval)
 
 
 def _summary(values: dict[str, float]) -> dict:
@@ -59,6 +60,22 @@ def test_zero_baselines_give_undefined_relative_change_not_minus_100() -> None:
     change = rows[1]["vs_baseline"]["0.01"]
     assert change["relative"] is None and change["relative_ci95"] is None and change["difference"] == 0.0
     assert "undefined" in _vs_base(rows[1]) and "-100" not in _vs_base(rows[1])
+
+
+def test_pooled_change_resamples_each_replicate_and_averages() -> None:
+    g = torch.Generator().manual_seed(0)
+    keep = [torch.rand(8, 400, generator=g) < 0.5 for _ in range(2)]
+    strong = [(k.float() + 0.8 * torch.randn(8, 400, generator=g), k) for k in keep]  # leaks
+    weak = [(k.float() + 3.0 * torch.randn(8, 400, generator=g), k) for k in keep]    # leaks less
+    from demem_ext.audit import metrics
+
+    points = [(metrics.tpr_at_fpr(w[0], w[1], 0.01), metrics.tpr_at_fpr(s[0], s[1], 0.01)) for w, s in zip(weak, strong)]
+    change = pooled_change(list(zip(weak, strong)), points, 0.01, resamples=50)
+    assert change["difference"] == pytest.approx(np.mean([w - s for w, s in points]))
+    lo, hi = change["difference_ci95"]
+    assert lo < change["difference"] < hi < 0  # the weaker leak is found, and the interval excludes 0
+    same = pooled_change(list(zip(strong, strong)), [(p, p) for _, p in points], 0.01, resamples=20)
+    assert same["difference"] == 0.0 and same["difference_ci95"] == [0.0, 0.0]
 
 
 def test_spread_labels_keeps_a_minimal_gap_and_order() -> None:
