@@ -59,7 +59,7 @@ def test_resume_names_each_ignored_flag(finished_run: Path, tmp_path: Path, caps
     assert main(["train", "--resume", "--out", str(run), "--lr", "0.1", "--lam", "2", "--batch-size", "256",
                  "--no-progress"]) == 0
     err = capsys.readouterr().err
-    assert "--lr 0.1 (the run's: 0.05)" in err and "--lam 2.0 (the run's: 0.5)" in err
+    assert "--lr 0.1 (the run's: 0.05)" in err and "--lam 2.0 (the run's: 0.75)" in err
     assert "--batch-size" not in err  # the same as the run's: not ignored
 
 

@@ -290,7 +290,7 @@ def test_finite_input_never_gives_a_silent_inf():
     with pytest.raises(ValueError, match="lam"):
         dx.DeMemConfig(lam=1e39)
     weights, risk = dx.demem_weights(torch.tensor([1e300, -1e300, 0.0, 0.0], dtype=torch.float64),
-                                     dx.DeMemConfig())
+                                     dx.DeMemConfig(lam=0.5))
     assert risk.tolist() == [1.0, 0.0, 0.0, 0.0] and weights.tolist() == [0.5, 1.0, 1.0, 1.0]
 
 
