@@ -19,6 +19,11 @@ def positive_int(text: str) -> int:
     return _at_least(_int(text), 1, text, "an integer")
 
 
+def ensemble_size(text: str) -> int | str:
+    """"auto" or an integer >= 1 (a number of models trained at once)."""
+    return "auto" if text == "auto" else _at_least(_int(text), 1, text, "'auto' or an integer")
+
+
 def nonnegative_int(text: str) -> int:
     """An integer >= 0."""
     return _at_least(_int(text), 0, text, "an integer")

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from demem_ext.adversarial.robustness import check_autoattack
-from demem_ext.arguments import (device, device_available, finite_float, nonnegative_float, nonnegative_int,
-                                 positive_int)
+from demem_ext.arguments import (device, device_available, ensemble_size, finite_float, nonnegative_float,
+                                 nonnegative_int, positive_int)
 from demem_ext.config import CLIP_SCOPES, PROXIES, SELECTIONS, THRESHOLDS, DeMemConfig
 from demem_ext.outputs import check_output_file, output_folder
 from demem_ext.training import OPTIMIZERS, PATHS, SCHEDULES, TrainConfig
@@ -313,7 +313,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         if getattr(args, name) is not None:
             flags += ["--" + name.replace("_", "-"), str(getattr(args, name))]
     flags += (["--jobs", str(args.jobs)] if args.jobs != 1 else []) + (["--no-progress"] if args.no_progress else [])
-    flags += ["--ensemble", str(args.ensemble)] if args.ensemble != 1 else []
+    flags += ["--ensemble", str(args.ensemble)] if args.ensemble != "auto" else []
     flags += [f"--{name.replace('_', '-')}={getattr(args, name)}" for name in ("precision", "memory_format")
               if getattr(args, name) not in ("fp32", "contiguous")]
     command = "demem " + shlex.join(flags)
@@ -355,9 +355,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-seed", type=int, default=0, help="seed of the inclusion masks")
     p.add_argument("--shard", default="0/1", help="train only models i, i+n, ... (i/n); merge later")
     p.add_argument("--merge-only", action="store_true", help="only merge the saved stats and report")
-    p.add_argument("--ensemble", type=positive_int, default=1,
+    p.add_argument("--ensemble", type=ensemble_size, default="auto",
                    help="train K shadow models at once in this process (vectorized; each model as it would be "
-                        "alone). Default 1: on the CPUs measured, ensembles gain nothing in fp32 (docs/benchmarks.md)")
+                        "alone). Default auto: 1 on a CPU in fp32, where ensembles measured no faster; else as many "
+                        "as half the free memory holds (at most 8 on a CPU); docs/benchmarks.md")
     p.add_argument("--null-seeds", default=None,
                    help="also run the null check: score the models against fake masks of these seeds (a,b,...) "
                         "and write null_check.json")
@@ -376,9 +377,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--configs", default=None,
                    help="comma-separated slugs, or all | variants | comparison (default: comparison)")
     p.add_argument("--jobs", type=positive_int, default=1, help="train shadow models in N processes")
-    p.add_argument("--ensemble", type=positive_int, default=1,
+    p.add_argument("--ensemble", type=ensemble_size, default="auto",
                    help="train K shadow models of a configuration at once in each process (vectorized; each model "
-                        "as it would be alone). Default 1: on the CPUs measured, ensembles gain nothing in fp32")
+                        "as it would be alone). Default auto: 1 on a CPU in fp32, where ensembles measured no "
+                        "faster; else as many as half the free memory holds, shared by the jobs (at most 8 on a CPU)")
     p.add_argument("--autoattack", default=None, choices=["standard", "fast", "none"],
                    help="AutoAttack on model 0 (default standard; fast with --quick)")
     p.add_argument("--attack-steps", type=nonnegative_int, default=None, help="training PGD steps (default 10)")

@@ -1,8 +1,11 @@
-"""The audit as a Python API, for models trained by the user's own code.
+"""The audit as a Python API: for a training configuration of this library, or for models trained by the
+user's own code.
 
-Two entry points, both returning the report of `demem audit` (`run_audit`: audit.json, roc.png,
+Three entry points, all returning the report of `demem audit` (`run_audit`: audit.json, roc.png,
 memorization_hist.png in out_dir) on any number M >= 2 of models:
 
+- `audit_config`: a TrainConfig; what `demem audit` does (resumable shadow models, `ensemble` of them
+  trained at once, "auto" by default).
 - `audit_logits`: precomputed logits of M models on the N population samples and the inclusion
   masks keep[M, N] that were used to train them.
 - `audit_train_fn`: a `train_fn(train_indices, seed) -> model`; the audit draws the masks, trains the
@@ -22,8 +25,9 @@ from tqdm import tqdm
 
 from demem_ext.audit.queries import QueryTransform, query_logits
 from demem_ext.audit.report import run_audit
-from demem_ext.audit.shadow import inclusion_masks, model_dir
+from demem_ext.audit.shadow import inclusion_masks, load_stats, model_dir, train_shadow_models
 from demem_ext.training.checkpoint import load_checkpoint, save_checkpoint
+from demem_ext.training.config import TrainConfig
 
 LOGITS_FORMAT = "demem-ext/api-logits-v1"
 TrainFn = Callable[[torch.Tensor, int], nn.Module]
@@ -60,6 +64,19 @@ def audit_logits(logits: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor,
              "aug_logits": _check_logits(aug_logits, "aug_logits", m, n, 1),
              "adv_aug_logits": _check_logits(adv_aug_logits, "adv_aug_logits", m, n, 1), "canaries": canaries}
     return run_audit(stats, out_dir, title=title)
+
+
+def audit_config(cfg: TrainConfig, out_dir: str | Path, num_models: int = 16, keep_seed: int = 0,
+                 ensemble: int | str = "auto", progress: bool = False, log: Callable[[str], None] = print,
+                 title: Optional[str] = None) -> dict[str, Any]:
+    """Train (or resume) num_models shadow models of `cfg` on random halves of its training split (masks
+    from keep_seed) and return the audit report: `demem audit` as a function. ensemble: K models trained
+    at once in this process, or "auto" (`demem_ext.training.ensemble_size.resolve_ensemble`)."""
+    if isinstance(num_models, bool) or not isinstance(num_models, int) or num_models < 2:
+        raise ValueError(f"num_models must be an integer >= 2, got {num_models!r}")
+    train_shadow_models(cfg, out_dir, num_models=num_models, seed=keep_seed, progress=progress, log=log,
+                        ensemble=ensemble)
+    return run_audit(load_stats(out_dir, num_models=num_models), out_dir, title=title)
 
 
 def _train_and_query(train_fn: TrainFn, population: Dataset, keep: torch.Tensor, model_id: int, seed: int,

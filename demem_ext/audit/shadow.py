@@ -30,6 +30,7 @@ from demem_ext.training.checkpoint import load_checkpoint, save_checkpoint
 from demem_ext.training.data import load_dataset
 from demem_ext.training import TrainConfig, train
 from demem_ext.training.ensemble import train_ensemble
+from demem_ext.training.ensemble_size import resolve_ensemble
 from demem_ext.training.loop import TrainState
 
 KEEP_FORMAT = "demem-ext/keep-v1"
@@ -113,17 +114,19 @@ def population_stats(model: nn.Module, population: Dataset, cfg: TrainConfig,
 
 def train_shadow_models(cfg: TrainConfig, out_dir: str | Path, num_models: int = 16, seed: int = 0,
                         shard: tuple[int, int] = (0, 1), progress: bool = False,
-                        log: Callable[[str], None] = print, ensemble: int = 1) -> list[int]:
+                        log: Callable[[str], None] = print, ensemble: int | str = "auto") -> list[int]:
     """Train this shard's shadow models (model i has training seed cfg.seed + i) and save their stats.
 
     Finished models (stats.pt present) are skipped; an unfinished one resumes from its checkpoint. A model
     another process is training (its lock is held, `demem_ext.audit.lock`) is skipped and logged.
-    ensemble > 1: the shard's models are trained that many at a time in one process
-    (`demem_ext.training.ensemble.train_ensemble`, each model as it would be alone).
+    ensemble K > 1: the shard's models are trained K at a time in one process
+    (`demem_ext.training.ensemble.train_ensemble`, each model as it would be alone); "auto": the fastest
+    measured K that fits the memory budget (`demem_ext.training.ensemble_size.resolve_ensemble`).
     Returns the ids of the models this call trained.
     """
-    if isinstance(ensemble, bool) or not isinstance(ensemble, int) or not 1 <= ensemble <= num_models:
-        raise ValueError(f"ensemble must be an integer in [1, {num_models}] (the number of models), got {ensemble!r}")
+    ensemble, why = resolve_ensemble(ensemble, num_models, cfg)
+    if why != "requested":
+        log(f"ensemble of {ensemble} ({why})")
     out = Path(out_dir)
     population, test_set, info = load_dataset(cfg.dataset, cfg.data_dir, cfg.download, augment=False,
                                               seed=cfg.split_seed)

@@ -18,6 +18,7 @@ from demem_ext.ops.functional import NonFiniteError
 from demem_ext.reproduce.configs import Configuration
 from demem_ext.training import TrainConfig
 from demem_ext.training.checkpoint import load_checkpoint, read_json, write_text_atomic
+from demem_ext.training.ensemble_size import check_ensemble, resolve_ensemble
 from demem_ext.training.metrics import read_rows
 
 EVAL_NAME = "eval_model0.json"
@@ -83,24 +84,26 @@ def _record_divergence(c: Configuration, out: Path, model_id: int, exc: Exceptio
 
 
 def train_all(selected: Sequence[Configuration], out: Path, num_models: int, keep_seed: int, pool: Pool,
-               progress: bool, log: Callable[[str], None], ensemble: int = 1) -> dict[str, list[int]]:
+               progress: bool, log: Callable[[str], None], ensemble: int | str = "auto") -> dict[str, list[int]]:
     """Train the missing shadow models of the configurations; returns the ids trained per folder.
 
-    ensemble K > 1: a configuration's models are trained K at a time in one process (shards, see `shards`).
+    ensemble: K, or "auto" (`resolve_ensemble`, per configuration, for pool.jobs processes at once). K > 1:
+    a configuration's models are trained K at a time in one process (shards, see `shards`).
     A configuration whose training turns non-finite (NonFiniteError) is recorded as diverged and its
     other models are not trained; the run goes on with the other configurations.
     """
-    if isinstance(ensemble, bool) or not isinstance(ensemble, int) or not 1 <= ensemble <= num_models:
-        raise ValueError(f"ensemble must be an integer in [1, {num_models}] (the number of models), got {ensemble!r}")
+    check_ensemble(ensemble, num_models)
     trained: dict[str, list[int]] = {c.folder: [] for c in selected}
     live = [c for c in selected if divergence(c, out) is None]
-    count = shards(num_models, ensemble)
-    todo = [(c, s, missing) for c in live for s in range(count)
+    sizes = {c.slug: resolve_ensemble(ensemble, num_models, c.config, processes=pool.jobs) for c in live}
+    todo = [(c, s, missing) for c in live for count in [shards(num_models, sizes[c.slug][0])] for s in range(count)
             for missing in [[i for i in missing_models(out / c.folder, num_models) if i % count == s]] if missing]
     if not todo:
         return trained
     for c in live:
         prepare_masks(c.config, out / c.folder, num_models, keep_seed)  # before workers race; refuses a mismatch
+        if sizes[c.slug][0] > 1 or ensemble != 1:
+            log(f"[{c.slug}] ensemble of {sizes[c.slug][0]} ({sizes[c.slug][1]})")
     start = time.perf_counter()
     total = sum(len(missing) for _, _, missing in todo)
     finished = 0
@@ -110,20 +113,20 @@ def train_all(selected: Sequence[Configuration], out: Path, num_models: int, kee
                 continue
             log(f"[{c.slug}] training shadow model(s) {', '.join(str(i + 1) for i in missing)} of {num_models} "
                 f"({c.name}); all models: {progress_text(time.perf_counter() - start, finished, total)}")
+            k = sizes[c.slug][0]
             try:
                 trained[c.folder] += train_shadow_models(c.config, out / c.folder, num_models=num_models,
-                                                         seed=keep_seed, shard=(s, count), progress=progress,
-                                                         log=lambda m, s=c.slug: log(f"[{s}] {m}"),
-                                                         ensemble=ensemble)
+                                                         seed=keep_seed, shard=(s, shards(num_models, k)),
+                                                         progress=progress, log=lambda m, s=c.slug: log(f"[{s}] {m}"),
+                                                         ensemble=k)
             except NonFiniteError as exc:
                 _record_divergence(c, out, missing[0], exc, log)
             finished += len(missing)
         return trained
-    log(f"training {total} shadow models in {pool.jobs} processes" +
-        (f", {ensemble} at a time per process" if ensemble > 1 else ""))
+    log(f"training {total} shadow models in {pool.jobs} processes")
     executor = pool.get()
     futures = {executor.submit(_train_shard, c.config.to_dict(), str(out / c.folder), num_models, keep_seed, s,
-                               ensemble): (c, missing) for c, s, missing in todo}
+                               sizes[c.slug][0]): (c, missing) for c, s, missing in todo}
     for future in concurrent.futures.as_completed(futures):
         c, missing = futures[future]
         if future.cancelled():

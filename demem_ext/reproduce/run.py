@@ -39,6 +39,7 @@ from demem_ext.reproduce.rows import LIRA_OFFLINE, accuracy_by_memorization, cho
 from demem_ext.reproduce.statistics import BOOTSTRAP_RESAMPLES, add_bootstrap, replicate_table
 from demem_ext.training import TrainConfig
 from demem_ext.training.checkpoint import write_text_atomic
+from demem_ext.training.ensemble_size import check_ensemble
 
 PLOTS = {"roc": "roc_primary.png", "tradeoff": "privacy_robustness.png",
          "memorization": "accuracy_by_memorization.png"}
@@ -98,7 +99,7 @@ def _figures(ordered: Sequence[dict[str, Any]], stats: dict[str, Any], scores: d
 
 def _replicate(out: Path, base: TrainConfig, selected_slugs: Sequence[str], num_models: int, keep_seed: int,
                pool: Pool, autoattack: str, eval_limit: Optional[int], progress: bool,
-               log: Callable[[str], None], ensemble: int = 1) -> tuple[dict[str, Any], dict[str, Any]]:
+               log: Callable[[str], None], ensemble: int | str = "auto") -> tuple[dict[str, Any], dict[str, Any]]:
     """Train, audit and evaluate one replicate (one inclusion-mask seed) in out; the summary's numbers, and
     the primary attack's (scores, is_member) per configuration."""
     all_configs = configurations(base)
@@ -145,7 +146,7 @@ def reproduce(out_dir: str | Path, quick: bool = False, dataset: str = "digits",
               autoattack: Optional[str] = None, progress: bool = False, log: Callable[[str], None] = print,
               base_overrides: Optional[dict[str, Any]] = None, eval_limit: Optional[int] = None,
               keep_seed: int = 0, command: Optional[str] = None, results_path: Optional[str | Path] = None,
-              keep_seeds: Optional[str | Sequence[int]] = None, ensemble: int = 1) -> dict[str, Any]:
+              keep_seeds: Optional[str | Sequence[int]] = None, ensemble: int | str = "auto") -> dict[str, Any]:
     """Run (or resume) the comparison in out_dir; returns the summary (also out_dir/summary.json).
 
     quick: M = 4 models, 15 epochs of batch 32, AutoAttack "fast"; else M = 16, TrainConfig's epochs, "standard".
@@ -155,7 +156,8 @@ def reproduce(out_dir: str | Path, quick: bool = False, dataset: str = "digits",
     there (PNGs copied next to it); out_dir/results.md is always written.
     keep_seeds: R >= 2 inclusion-mask seeds: R replicates in out_dir/keep-<seed>/, summarised in out_dir
     (mean over replicates with 95% t-intervals); otherwise the one replicate keep_seed, in out_dir itself.
-    ensemble: train K models of a configuration at once per process (vectorized, `train_ensemble`).
+    ensemble: train K models of a configuration at once per process (vectorized, `train_ensemble`); "auto":
+    the fastest measured K that fits the memory budget (`demem_ext.training.ensemble_size`).
     """
     start = time.perf_counter()
     out = Path(out_dir)
@@ -166,8 +168,7 @@ def reproduce(out_dir: str | Path, quick: bool = False, dataset: str = "digits",
         raise ValueError(f"models must be an integer >= 2 (leave-one-out LiRA), got {num_models!r}")
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"jobs must be a positive integer, got {jobs!r}")
-    if isinstance(ensemble, bool) or not isinstance(ensemble, int) or not 1 <= ensemble <= num_models:
-        raise ValueError(f"ensemble must be an integer in [1, {num_models}] (the number of models), got {ensemble!r}")
+    check_ensemble(ensemble, num_models)
     autoattack = autoattack or ("fast" if quick else "standard")
     if autoattack not in ("standard", "fast", "none"):
         raise ValueError(f"autoattack must be 'standard', 'fast' or 'none', got {autoattack!r}")
@@ -178,7 +179,7 @@ def reproduce(out_dir: str | Path, quick: bool = False, dataset: str = "digits",
     use_aa = autoattack != "none"
     common = {
         "command": command or f"demem_ext.reproduce.reproduce({str(out)!r}, quick={quick}, models={models}, "
-                              f"epochs={epochs}, configs={configs!r}, jobs={jobs}, ensemble={ensemble}, "
+                              f"epochs={epochs}, configs={configs!r}, jobs={jobs}, ensemble={ensemble!r}, "
                               f"autoattack={autoattack!r}, "
                               f"keep_seeds={seeds})",
         "quick": quick, "dataset": dataset, "num_models": num_models, "epochs": base.epochs,

@@ -83,7 +83,7 @@ def load_digits(seed: int = 0, test_fraction: float = 1 / 3
         np.arange(len(labels)), test_size=test_fraction, random_state=seed, stratify=bunch.target
     )
     train_idx, test_idx = torch.from_numpy(np.sort(train_idx)), torch.from_numpy(np.sort(test_idx))
-    info = DatasetInfo("digits", 10, (1, 8, 8))
+    info = dataset_info("digits")
     return (IndexedTensorDataset(images[train_idx], labels[train_idx], train_idx),
             IndexedTensorDataset(images[test_idx], labels[test_idx], test_idx), info)
 
@@ -161,9 +161,18 @@ def load_torchvision(name: str, data_dir: str | Path | None = None, download: bo
             f"{name} under data_dir={str(root)!r} failed torchvision's integrity check ({exc}); "
             f"delete the files and fetch them again with download=True (`--download`)."
         ) from exc
-    info = DatasetInfo(name, _VISION[name].num_classes, (3, 32, 32))
+    info = dataset_info(name)
     return (IndexedDataset(train, torch.as_tensor(np.asarray(train_y), dtype=torch.int64)),
             IndexedDataset(test, torch.as_tensor(np.asarray(test_y), dtype=torch.int64)), info)
+
+
+def dataset_info(name: str) -> DatasetInfo:
+    """The classes and input shape of a dataset, without loading it."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {list(DATASETS)}")
+    if name == "digits":
+        return DatasetInfo("digits", 10, (1, 8, 8))
+    return DatasetInfo(name, _VISION[name].num_classes, (3, 32, 32))
 
 
 def load_dataset(name: str, data_dir: str | Path | None = None, download: bool = False,

@@ -162,22 +162,31 @@ def test_the_audit_benchmark_runs_in_quick_mode(capsys: pytest.CaptureFixture) -
 
 
 def test_an_ensemble_trained_audit_gives_the_sequential_statistics(tmp_path: Path) -> None:
-    """8 shadow models trained 4 at a time give the statistics of 8 trained one after another (fp32, 1e-4:
-    the stacked forward sums in another order, and the audit reads logits after a whole training)."""
+    """8 shadow models trained 4 at a time give the statistics of 8 trained one after another (fp32, 1e-4
+    relative and 5e-4 absolute: the stacked forward sums in another order, the thread count changes oneDNN's
+    reductions, and the audit reads logits after a whole training; one logit in 95,840 differed by 1.4e-4)."""
     from demem_ext.audit.shadow import load_stats, train_shadow_models
 
     cfg = TrainConfig(epochs=1, attack_steps=1, batch_size=256, demem={"lam": 0.5})
-    assert train_shadow_models(cfg, tmp_path / "seq", num_models=8, log=lambda _: None) == list(range(8))
+    assert train_shadow_models(cfg, tmp_path / "seq", num_models=8, log=lambda _: None, ensemble=1) == list(range(8))
     assert train_shadow_models(cfg, tmp_path / "ens", num_models=8, log=lambda _: None, ensemble=4) == list(range(8))
     sequential, vectorized = load_stats(tmp_path / "seq"), load_stats(tmp_path / "ens")
     assert torch.equal(sequential["keep"], vectorized["keep"])
     for key in ("logits", "adv_logits", "loss", "adv_loss", "test_natural_acc"):
-        torch.testing.assert_close(vectorized[key], sequential[key], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(vectorized[key], sequential[key], rtol=1e-4, atol=5e-4)
+    # the Python audit API on the same folders: the models are found trained, the reports agree
+    from demem_ext.audit import audit_config
+
+    alone = audit_config(cfg, tmp_path / "seq", num_models=8, log=lambda _: None)
+    together = audit_config(cfg, tmp_path / "ens", num_models=8, ensemble=4, log=lambda _: None)
+    assert (tmp_path / "ens" / "audit.json").exists() and alone["attacks"].keys() == together["attacks"].keys()
+    for attack, row in alone["attacks"].items():
+        assert together["attacks"][attack]["auc"] == pytest.approx(row["auc"], abs=1e-4)
 
 
 @pytest.mark.parametrize("ensemble", [0, 9, True])
 def test_the_audit_refuses_an_ensemble_size_outside_one_to_the_number_of_models(tmp_path: Path, ensemble) -> None:
     from demem_ext.audit.shadow import train_shadow_models
 
-    with pytest.raises(ValueError, match=r"ensemble must be an integer in \[1, 8\]"):
+    with pytest.raises(ValueError, match=r"ensemble must be .auto. or an integer in \[1, 8\]"):
         train_shadow_models(TrainConfig(epochs=1), tmp_path, num_models=8, ensemble=ensemble)

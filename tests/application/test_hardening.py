@@ -99,6 +99,8 @@ def test_resume_refuses_an_inexact_extension_or_shortening(tmp_path: Path) -> No
     (["bench", "--repeats", "0"], "--repeats"),
     (["bench", "--steps", "-1"], "--steps"),
     (["reproduce", "--threads", "0"], "--threads"),
+    (["reproduce", "--ensemble", "0"], "--ensemble"),
+    (["audit", "--ensemble", "many"], "--ensemble"),
 ])
 def test_bad_values_are_usage_errors_naming_the_flag(argv: list[str], flag: str,
                                                      capsys: pytest.CaptureFixture) -> None:

@@ -189,5 +189,5 @@ def test_ensemble_trained_replicate_gives_the_sequential_audit(tmp_path: Path) -
     a, b = (json.loads((tmp_path / d / "pgd-demem-l1" / "audit.json").read_text()) for d in ("alone", "together"))
     for attack, row in a["attacks"].items():
         assert b["attacks"][attack]["auc"] == pytest.approx(row["auc"], abs=1e-4)
-    with pytest.raises(ValueError, match="ensemble must be an integer in \\[1, 2\\]"):
+    with pytest.raises(ValueError, match="ensemble must be .auto. or an integer in \\[1, 2\\]"):
         reproduce(tmp_path / "bad", ensemble=3, **kwargs)
