@@ -86,6 +86,8 @@ def run_audit(stats: Mapping[str, Any], out_dir: str | Path, title: Optional[str
     if stats.get("training_precision"):  # shadow models: how they were trained (scoring is always fp32)
         report["training_precision"] = [{"precision": p, "memory_format": f, "reason": r}
                                         for p, f, r in stats["training_precision"]]
+    if "peak_memory_mib" in stats:  # the largest peak of the processes that trained the shadow models
+        report["training_peak_memory_mib"] = round(float(stats["peak_memory_mib"]), 1)
     if m < MIN_MODELS:
         report["warnings"].append(f"only {m} shadow models (M < {MIN_MODELS}): per-example variances and TPR at "
                                   "low FPR are unreliable; read the fixed-variance attacks and use more models")

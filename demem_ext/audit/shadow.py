@@ -30,7 +30,7 @@ from demem_ext.training.checkpoint import load_checkpoint, save_checkpoint
 from demem_ext.training.data import load_dataset
 from demem_ext.training import TrainConfig, train
 from demem_ext.training.ensemble import train_ensemble
-from demem_ext.training.ensemble_size import resolve_ensemble
+from demem_ext.training.ensemble_size import peak_memory_mib, resolve_ensemble
 from demem_ext.training.loop import TrainState
 
 KEEP_FORMAT = "demem-ext/keep-v1"
@@ -150,7 +150,8 @@ def train_shadow_models(cfg: TrainConfig, out_dir: str | Path, num_models: int =
                 _save_stats(state, model_dir(out, model_id), model_id, keep, population, test_set, info.input_range)
                 trained.append(model_id)
                 log(f"shadow model {model_id + 1}/{num_models} done; this run's models: "
-                    f"{progress_text(time.perf_counter() - start, len(trained), len(todo))}")
+                    f"{progress_text(time.perf_counter() - start, len(trained), len(todo))}; "
+                    f"peak memory {peak_memory_mib(cfg.device):.0f} MiB")
     return trained
 
 
@@ -186,7 +187,8 @@ def _save_stats(state: TrainState, folder: Path, model_id: int, keep: torch.Tens
                                "demem": state.demem.state_dict() if state.demem is not None else None,
                                "num_train": int(keep[model_id].sum()), "loss_record": state.loss_record,
                                "precision": model_cfg.precision, "memory_format": model_cfg.memory_format,
-                               "precision_reason": state.precision_reason, **stats}
+                               "precision_reason": state.precision_reason,
+                               "peak_memory_mib": peak_memory_mib(model_cfg.device), **stats}
     save_checkpoint(payload, folder / "stats.pt")
 
 
@@ -225,6 +227,9 @@ def load_stats(out_dir: str | Path, num_models: Optional[int] = None) -> dict[st
     merged["training_precision"] = sorted({(s.get("precision", "fp32"), s.get("memory_format", "contiguous"),
                                             s.get("precision_reason", "written before the precision option"))
                                            for s in per_model})
+    peaks = [s["peak_memory_mib"] for s in per_model if "peak_memory_mib" in s]  # absent before it was recorded
+    if peaks:
+        merged["peak_memory_mib"] = max(peaks)
     if all(s.get("loss_record") is not None for s in per_model):  # [M, E, N, 2], NaN where a sample is OUT
         merged["loss_record"] = _population_record(per_model, keep)
     return merged

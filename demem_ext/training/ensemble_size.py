@@ -10,6 +10,7 @@ CPU: MemAvailable), shared by the processes that train at once.
 from __future__ import annotations
 
 import os
+import resource
 from pathlib import Path
 from typing import Optional
 
@@ -52,6 +53,13 @@ def available_bytes(device: str) -> int:
     except OSError:
         pass
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def peak_memory_mib(device: str) -> float:
+    """This process's peak memory so far, in MiB: the CUDA allocator's peak on a GPU, peak RSS on the CPU."""
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated(torch.device(device)) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 def member_bytes(cfg: TrainConfig) -> int:

@@ -180,6 +180,7 @@ def test_an_ensemble_trained_audit_gives_the_sequential_statistics(tmp_path: Pat
     alone = audit_config(cfg, tmp_path / "seq", num_models=8, log=lambda _: None)
     together = audit_config(cfg, tmp_path / "ens", num_models=8, ensemble=4, log=lambda _: None)
     assert (tmp_path / "ens" / "audit.json").exists() and alone["attacks"].keys() == together["attacks"].keys()
+    assert together["training_peak_memory_mib"] > 0  # the shadow models' training peak, reported
     for attack, row in alone["attacks"].items():
         assert together["attacks"][attack]["auc"] == pytest.approx(row["auc"], abs=1e-4)
 

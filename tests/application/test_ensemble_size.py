@@ -70,8 +70,9 @@ def test_the_memory_estimate_counts_parameters_and_grows_with_the_batch() -> Non
     assert 5 * MIB < member_bytes(TrainConfig(batch_size=64)) < 100 * MIB
 
 
-def test_the_memory_available_is_positive() -> None:
+def test_the_memory_available_and_the_peak_so_far_are_positive() -> None:
     assert ensemble_size.available_bytes("cpu") > 0
+    assert ensemble_size.peak_memory_mib("cpu") > 10  # MiB: this process has imported torch
 
 
 def test_the_audit_logs_its_automatic_choice(tmp_path: Path) -> None:
