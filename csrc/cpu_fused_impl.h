@@ -1,7 +1,7 @@
 // The CPU fused DeMem step and the Philox normals, written once (at::vec::Vectorized; AVX2
-// intrinsics where ATen has no fast equivalent) and compiled twice:
-// cpu_kernels.cpp (the default build flags) and cpu_kernels_avx2.cpp (AVX2/FMA/F16C, chosen at run
-// time on CPUs that have them). The includer defines DEMEM_FUSED_ENTRY, DEMEM_NORMALS_ENTRY and
+// and AVX-512 intrinsics where ATen has no fast equivalent) and compiled three times:
+// cpu_kernels.cpp (the default build flags), cpu_kernels_avx2.cpp (AVX2/FMA/F16C) and
+// cpu_kernels_avx512.cpp (AVX-512 F/BW/VL/DQ), the widest chosen at run time on CPUs that have it. The includer defines DEMEM_FUSED_ENTRY, DEMEM_NORMALS_ENTRY and
 // DEMEM_PASS_ENTRY, the names of the entry points (the fused step with a given schedule; Philox
 // normals of a column range; one pass of the "columns" schedule alone, for the benchmark).
 //
@@ -25,8 +25,8 @@
 // In all three, the normals ξ are drawn during region 1's norm sweeps into a buffer [P] (NoisePlan):
 // Philox and Box–Muller are compute-bound and hide, in part, in the memory-bound sweeps.
 //
-// The AVX2 build converts floats to doubles with the AVX instruction (ATen's generic conversion
-// goes through memory) and draws the noise eight Philox blocks at a time, with SLEEF's log and
+// The AVX2 and AVX-512 builds convert floats to doubles with the vector instruction (ATen's generic
+// conversion goes through memory) and draw the noise eight Philox blocks at a time, with SLEEF's log and
 // sincos (1-ulp); the default build draws it one block at a time with the C library's functions.
 // The two noises agree to a few float32 ulps (as the reference, whose functions are torch's).
 //
@@ -53,7 +53,7 @@
 #error "define DEMEM_FUSED_ENTRY, DEMEM_NORMALS_ENTRY and DEMEM_PASS_ENTRY before including cpu_fused_impl.h"
 #endif
 
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
 #include <immintrin.h>
 
 #include "philox_avx2.h"
@@ -115,6 +115,10 @@ inline void add_squares(const Vectorized<float>& v, Vectorized<double>& a0, Vect
   const __m256 f = v;
   const Vectorized<double> d0(_mm256_cvtps_pd(_mm256_castps256_ps128(f)));
   const Vectorized<double> d1(_mm256_cvtps_pd(_mm256_extractf128_ps(f, 1)));
+#elif defined(CPU_CAPABILITY_AVX512)
+  const __m512 f = v;
+  const Vectorized<double> d0(_mm512_cvtps_pd(_mm512_castps512_ps256(f)));
+  const Vectorized<double> d1(_mm512_cvtps_pd(_mm512_extractf32x8_ps(f, 1)));
 #else
   auto d = at::vec::convert<double, 2, float, 1>(at::vec::VectorizedN<float, 1>(v));
   const Vectorized<double> d0 = d[0], d1 = d[1];
@@ -166,6 +170,10 @@ inline void add_widened(const Vectorized<float>& v, Vectorized<double>& a0, Vect
   const __m256 f = v;
   a0 = a0 + Vectorized<double>(_mm256_cvtps_pd(_mm256_castps256_ps128(f)));
   a1 = a1 + Vectorized<double>(_mm256_cvtps_pd(_mm256_extractf128_ps(f, 1)));
+#elif defined(CPU_CAPABILITY_AVX512)
+  const __m512 f = v;
+  a0 = a0 + Vectorized<double>(_mm512_cvtps_pd(_mm512_castps512_ps256(f)));
+  a1 = a1 + Vectorized<double>(_mm512_cvtps_pd(_mm512_extractf32x8_ps(f, 1)));
 #else
   auto d = at::vec::convert<double, 2, float, 1>(at::vec::VectorizedN<float, 1>(v));
   a0 = a0 + d[0];
@@ -491,7 +499,7 @@ void fused_step_impl(const FusedCpuArgs& a, CpuSchedule schedule) {
 
 void DEMEM_NORMALS_ENTRY(float* out, int64_t n, uint64_t seed, uint64_t block0) {
   int64_t j = 0;
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
   for (; j + 32 <= n; j += 32) philox_normal32(block0 + static_cast<uint64_t>(j / 4), seed, out + j);
   if (j < n) {
     float z[32];

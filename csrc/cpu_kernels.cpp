@@ -1,6 +1,7 @@
 // CPU kernels of demem_ext, default build flags: the fused step and the Philox normals
-// (cpu_fused_impl.h), the dispatch between them and their AVX2 build (cpu_kernels_avx2.cpp), and the
-// cache budget that sizes the "rows" schedule's groups (and decides whether it is a candidate).
+// (cpu_fused_impl.h), the dispatch between them and their AVX2 and AVX-512 builds (cpu_kernels_avx2.cpp,
+// cpu_kernels_avx512.cpp), and the cache budget that sizes the "rows" schedule's groups (and decides
+// whether it is a candidate).
 #define DEMEM_FUSED_ENTRY fused_step_cpu_default
 #define DEMEM_NORMALS_ENTRY philox_normals_cpu_default
 #define DEMEM_PASS_ENTRY pass_cpu_default
@@ -13,12 +14,15 @@
 
 namespace demem {
 
-// Defined in cpu_kernels_avx2.cpp on x86-64 with GCC/Clang.
+// Defined in cpu_kernels_avx2.cpp and cpu_kernels_avx512.cpp on x86-64 with GCC/Clang.
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define DEMEM_HAVE_AVX2_BUILD 1
 void fused_step_cpu_avx2(const FusedCpuArgs& args, CpuSchedule schedule);
 void philox_normals_cpu_avx2(float* out, int64_t n, uint64_t seed, uint64_t block0);
 void pass_cpu_avx2(const FusedCpuArgs& args, CpuPass pass);
+void fused_step_cpu_avx512(const FusedCpuArgs& args, CpuSchedule schedule);
+void philox_normals_cpu_avx512(float* out, int64_t n, uint64_t seed, uint64_t block0);
+void pass_cpu_avx512(const FusedCpuArgs& args, CpuPass pass);
 #endif
 
 namespace {
@@ -37,17 +41,26 @@ int64_t last_level_cache_bytes() {
   return bytes;
 }
 
-bool use_avx2() {
+enum class Isa { kDefault, kAvx2, kAvx512 };
+
+// The widest build this CPU runs; ATEN_CPU_CAPABILITY=default|avx2 (ATen's own switch) caps it.
+Isa cpu_isa() {
 #ifdef DEMEM_HAVE_AVX2_BUILD
-  static const bool ok = [] {
-    const char* forced = std::getenv("ATEN_CPU_CAPABILITY");  // same switch as ATen's own kernels
-    if (forced != nullptr && std::strcmp(forced, "default") == 0) return false;
+  static const Isa isa = [] {
+    const char* forced = std::getenv("ATEN_CPU_CAPABILITY");
+    if (forced != nullptr && std::strcmp(forced, "default") == 0) return Isa::kDefault;
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    if (!(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))) {
+      return Isa::kDefault;
+    }
+    if (forced != nullptr && std::strcmp(forced, "avx2") == 0) return Isa::kAvx2;
+    const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+    return avx512 ? Isa::kAvx512 : Isa::kAvx2;
   }();
-  return ok;
+  return isa;
 #else
-  return false;
+  return Isa::kDefault;
 #endif
 }
 
@@ -64,31 +77,47 @@ int64_t cpu_cache_budget(int64_t threads) {
   return total / std::max<int64_t>(1, threads);
 }
 
-const char* cpu_kernel_capability() { return use_avx2() ? "avx2" : "default"; }
+const char* cpu_kernel_capability() {
+  switch (cpu_isa()) {
+    case Isa::kAvx512:
+      return "avx512";
+    case Isa::kAvx2:
+      return "avx2";
+    case Isa::kDefault:
+      break;
+  }
+  return "default";
+}
 
 void run_fused_cpu(const FusedCpuArgs& args, CpuSchedule schedule) {
 #ifdef DEMEM_HAVE_AVX2_BUILD
-  if (use_avx2()) return fused_step_cpu_avx2(args, schedule);
+  if (cpu_isa() == Isa::kAvx512) return fused_step_cpu_avx512(args, schedule);
+  if (cpu_isa() == Isa::kAvx2) return fused_step_cpu_avx2(args, schedule);
 #endif
   fused_step_cpu_default(args, schedule);
 }
 
 void run_pass_cpu(const FusedCpuArgs& args, CpuPass pass) {
 #ifdef DEMEM_HAVE_AVX2_BUILD
-  if (use_avx2()) return pass_cpu_avx2(args, pass);
+  if (cpu_isa() == Isa::kAvx512) return pass_cpu_avx512(args, pass);
+  if (cpu_isa() == Isa::kAvx2) return pass_cpu_avx2(args, pass);
 #endif
   pass_cpu_default(args, pass);
 }
 
 void philox_normal_cpu_kernel(float* out, int64_t n, uint64_t seed, uint64_t offset) {
   constexpr int64_t kPiece = 4096;  // elements per task (multiple of 4)
-  [[maybe_unused]] const bool avx2 = use_avx2();
+  [[maybe_unused]] const Isa isa = cpu_isa();
   at::parallel_for(0, divup(n, kPiece), 16, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
       const int64_t j0 = p * kPiece, m = std::min(kPiece, n - j0);
       const uint64_t block0 = offset + static_cast<uint64_t>(j0 / 4);
 #ifdef DEMEM_HAVE_AVX2_BUILD
-      if (avx2) {
+      if (isa == Isa::kAvx512) {
+        philox_normals_cpu_avx512(out + j0, m, seed, block0);
+        continue;
+      }
+      if (isa == Isa::kAvx2) {
         philox_normals_cpu_avx2(out + j0, m, seed, block0);
         continue;
       }

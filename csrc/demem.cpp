@@ -331,8 +331,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "True when the CUDA kernels were compiled into this extension.");
   m.def(
       "cpu_capability", []() { return std::string(demem::cpu_kernel_capability()); },
-      "The instruction set of the fused CPU kernel in use: 'avx2' or 'default' "
-      "(ATEN_CPU_CAPABILITY=default forces the portable one).");
+      "The instruction set of the fused CPU kernel in use: 'avx512', 'avx2' or 'default' "
+      "(ATEN_CPU_CAPABILITY=avx2 or default caps it, as for ATen's own kernels).");
   m.def(
       "philox4x32_10",
       [](uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0, uint32_t k1) {
