@@ -48,7 +48,7 @@ def main(folder: Path) -> None:
         def delta(key: str) -> list[float]:
             return [100 * (get(rows[s][slug], key) - get(rows[s][base], key)) for s in seeds]
 
-        nat, pgd, aa = delta("mean_test_natural_acc"), delta("mean_test_pgd20_acc"), delta("model0.autoattack_acc")
+        nat, pgd, aa = delta("mean_test_natural_acc"), delta("mean_test_pgd20_acc"), delta("model0/autoattack_acc")
         verdict = "—"
         if family in TARGETS and "demem" in slug:
             need, both, cost = TARGETS[family]
@@ -67,15 +67,16 @@ def pareto(rows: dict, seeds: list, demem: str, other: str) -> None:
     if not all(demem in rows[s] and other in rows[s] for s in seeds):
         return
     mean = lambda slug, key: sum(get(rows[s][slug], key) for s in seeds) / len(seeds)  # noqa: E731
-    t_d, t_o = mean(demem, "primary.tpr_at_fpr_0.01"), mean(other, "primary.tpr_at_fpr_0.01")
-    a_d, a_o = mean(demem, "model0.autoattack_acc"), mean(other, "model0.autoattack_acc")
+    t_d, t_o = mean(demem, "primary/tpr_at_fpr_0.01"), mean(other, "primary/tpr_at_fpr_0.01")
+    a_d, a_o = mean(demem, "model0/autoattack_acc"), mean(other, "model0/autoattack_acc")
     verdict = "dominates" if t_d <= t_o and a_d > a_o else "does NOT dominate"
     print(f"\nPareto: {demem} TPR@1% {pct(t_d)}, AutoAttack {pct(a_d)}; {other} TPR@1% {pct(t_o)}, "
           f"AutoAttack {pct(a_o)} (means over seeds): DeMem {verdict} {other}")
 
 
 def get(row: dict, key: str) -> float:
-    for part in key.split("."):
+    """row[a][b] for key "a/b"."""
+    for part in key.split("/"):
         row = row[part]
     return float(row)
 
