@@ -96,8 +96,10 @@ def train_all(selected: Sequence[Configuration], out: Path, num_models: int, kee
     trained: dict[str, list[int]] = {c.folder: [] for c in selected}
     live = [c for c in selected if divergence(c, out) is None]
     sizes = {c.slug: resolve_ensemble(ensemble, num_models, c.config, processes=pool.jobs) for c in live}
-    todo = [(c, s, missing) for c in live for count in [shards(num_models, sizes[c.slug][0])] for s in range(count)
-            for missing in [[i for i in missing_models(out / c.folder, num_models) if i % count == s]] if missing]
+    counts = {slug: shards(num_models, k) for slug, (k, _) in sizes.items()}
+    todo = [(c, s, missing) for c in live for s in range(counts[c.slug])
+            for missing in [[i for i in missing_models(out / c.folder, num_models) if i % counts[c.slug] == s]]
+            if missing]
     if not todo:
         return trained
     for c in live:
@@ -113,12 +115,11 @@ def train_all(selected: Sequence[Configuration], out: Path, num_models: int, kee
                 continue
             log(f"[{c.slug}] training shadow model(s) {', '.join(str(i + 1) for i in missing)} of {num_models} "
                 f"({c.name}); all models: {progress_text(time.perf_counter() - start, finished, total)}")
-            k = sizes[c.slug][0]
             try:
                 trained[c.folder] += train_shadow_models(c.config, out / c.folder, num_models=num_models,
-                                                         seed=keep_seed, shard=(s, shards(num_models, k)),
+                                                         seed=keep_seed, shard=(s, counts[c.slug]),
                                                          progress=progress, log=lambda m, s=c.slug: log(f"[{s}] {m}"),
-                                                         ensemble=k)
+                                                         ensemble=sizes[c.slug][0])
             except NonFiniteError as exc:
                 _record_divergence(c, out, missing[0], exc, log)
             finished += len(missing)

@@ -1,11 +1,9 @@
 """How many models to train at once: `--ensemble auto` is the fastest measured K that fits a memory budget.
 
-Measured (docs/benchmarks.md, "Shadow models per hour"): on the CPU, ensembles gain nothing in fp32, so
-"auto" is 1 there; in bf16 they gained up to K = 8 (1.2x on an Intel Xeon with AMX) and lost at K = 16, so
-"auto" caps K at 8 on a CPU. On a GPU one small model leaves most of the device idle, so "auto" takes as many
-models as the memory budget holds. The budget is half the memory available now (CUDA: free device memory;
-CPU: MemAvailable), shared by the processes that train at once.
-"""
+The rule follows the measurements in docs/benchmarks.md ("Shadow models per hour"): on a CPU, 1 in fp32
+(ensembles gained nothing), at most CPU_MAX_ENSEMBLE in bf16 (larger ensembles were slower); on a GPU, as
+many models as the memory budget holds. The budget is half the memory available now (CUDA: free device
+memory; CPU: MemAvailable), shared by the processes that train at once."""
 
 from __future__ import annotations
 
