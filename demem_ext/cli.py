@@ -375,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="shadow models per configuration (default 16; 4 quick)")
     p.add_argument("--epochs", type=positive_int, default=None, help="epochs per model (default 30; 15 quick)")
     p.add_argument("--configs", default=None,
-                   help="comma-separated slugs, or all | variants | comparison (default: comparison)")
+                   help="comma-separated slugs, or all | variants | dp-match | comparison (default: comparison)")
     p.add_argument("--jobs", type=positive_int, default=1, help="train shadow models in N processes")
     p.add_argument("--ensemble", type=ensemble_size, default="auto",
                    help="train K shadow models of a configuration at once in each process (vectorized; each model "

@@ -9,7 +9,7 @@ import pytest
 
 from demem_ext.cli import main
 from demem_ext.config import DeMemConfig
-from demem_ext.reproduce import (ALL_SLUGS, SLUGS, VARIANT_SLUGS, choose_lambda, configurations, demem_fields,
+from demem_ext.reproduce import (ALL_SLUGS, DP_MATCH_SLUGS, SLUGS, VARIANT_SLUGS, choose_lambda, configurations, demem_fields,
                                  parse_configs, reproduce)
 from demem_ext.audit.attacks import PRIMARY_ATTACK
 from demem_ext.training import TrainConfig
@@ -78,7 +78,7 @@ def test_configurations_cover_the_comparison() -> None:
     base = TrainConfig(epochs=3, batch_size=32)
     configs = {c.slug: c for c in configurations(base, trace_lam=2.0)}
     assert tuple(configs) == ALL_SLUGS and len(set(ALL_SLUGS)) == len(ALL_SLUGS)
-    assert SLUGS + VARIANT_SLUGS == ALL_SLUGS and len(SLUGS) == 19
+    assert sorted(SLUGS + DP_MATCH_SLUGS + VARIANT_SLUGS) == sorted(ALL_SLUGS) and len(SLUGS) == 19
     assert not configs["pgd-at"].config.use_demem and configs["trades"].config.at == "trades"
     dp = configs["pgd-dp-s0.5"].config
     assert dp.per_sample() and dp.demem == demem_fields(lam=0.0, max_grad_norm=1.0, noise_multiplier=0.5,
@@ -91,11 +91,15 @@ def test_configurations_cover_the_comparison() -> None:
     assert [configs[f"pgd-demem-l{x}"].lam for x in ("0.25", "0.5", "0.75", "1", "2")] == [0.25, 0.5, 0.75, 1.0, 2.0]
     assert configs["pgd-demem-trace"].folder == "pgd-demem-trace-l2"
     assert all(c.config.epochs == 3 for c in configs.values())
-    assert [s for s, c in configs.items() if c.report_epsilon] == ["pgd-dp-s0.5", "pgd-dp-s1", "trades-dp-s1"]
+    assert [s for s, c in configs.items() if c.report_epsilon] == ["pgd-dp-s0.5", "pgd-dp-s1", *DP_MATCH_SLUGS,
+                                                                   "trades-dp-s1"]
+    matched = configs["pgd-dp-c10-s0.1"].config.demem
+    assert (matched["max_grad_norm"], matched["noise_multiplier"]) == (10.0, 0.1)
 
 
 def test_configuration_keywords() -> None:
     assert parse_configs("variants") == list(VARIANT_SLUGS)
+    assert parse_configs("dp-match") == list(DP_MATCH_SLUGS) == ["pgd-dp-s0.1", "pgd-dp-c3-s0.1", "pgd-dp-c10-s0.1"]
     assert parse_configs("all") == list(ALL_SLUGS) and parse_configs("comparison") == list(SLUGS)
     assert parse_configs("pgd-demem-l1-k2,pgd-at") == ["pgd-at", "pgd-demem-l1-k2"]
 
