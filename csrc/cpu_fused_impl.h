@@ -1,7 +1,8 @@
 // The CPU fused DeMem step and the Philox normals, written once (at::vec::Vectorized; AVX2
 // and AVX-512 intrinsics where ATen has no fast equivalent) and compiled three times:
 // cpu_kernels.cpp (the default build flags), cpu_kernels_avx2.cpp (AVX2/FMA/F16C) and
-// cpu_kernels_avx512.cpp (AVX-512 F/BW/VL/DQ), the widest chosen at run time on CPUs that have it. The includer defines DEMEM_FUSED_ENTRY, DEMEM_NORMALS_ENTRY and
+// cpu_kernels_avx512.cpp (AVX-512 F/BW/VL/DQ; these two through cpu_kernels_isa.h), the widest chosen
+// at run time on CPUs that have it. The includer defines DEMEM_FUSED_ENTRY, DEMEM_NORMALS_ENTRY and
 // DEMEM_PASS_ENTRY, the names of the entry points (the fused step with a given schedule; Philox
 // normals of a column range; one pass of the "columns" schedule alone, for the benchmark).
 //

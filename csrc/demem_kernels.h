@@ -1,7 +1,8 @@
 // Declarations shared between the translation units of demem_ext._C.
 //   demem.cpp        op schemas, argument checks, CPU/Composite registrations, pybind11 module
 //   cpu_kernels.cpp  the CPU kernels on raw pointers (parallel, at::vec::Vectorized), default ISA
-//   cpu_kernels_avx2.cpp  the same fused kernel and Philox normals (cpu_fused_impl.h) built for AVX2/FMA/F16C
+//   cpu_kernels_avx2.cpp, cpu_kernels_avx512.cpp  the same fused kernel and Philox normals (cpu_fused_impl.h)
+//                    built for AVX2/FMA/F16C and for AVX-512 (both through cpu_kernels_isa.h)
 //   cuda_kernels.cu  the CUDA implementations (only with DEMEM_WITH_CUDA)
 #pragma once
 
