@@ -27,8 +27,8 @@
 // Philox and Box–Muller are compute-bound and hide, in part, in the memory-bound sweeps.
 //
 // The AVX2 and AVX-512 builds convert floats to doubles with the vector instruction (ATen's generic
-// conversion goes through memory) and draw the noise eight Philox blocks at a time, with SLEEF's log and
-// sincos (1-ulp); the default build draws it one block at a time with the C library's functions.
+// conversion goes through memory) and draw the noise eight (AVX2) or sixteen (AVX-512) Philox blocks at a
+// time, with SLEEF's log and sincos (1-ulp); the default build draws it one block at a time with the C library's functions.
 // The two noises agree to a few float32 ulps (as the reference, whose functions are torch's).
 //
 // Each output column is a sum over rows in index order (within a thread's row range for "rows"), so
@@ -59,6 +59,9 @@
 
 #include "philox_avx2.h"
 #endif
+#if defined(CPU_CAPABILITY_AVX512)
+#include "philox_avx512.h"
+#endif
 
 namespace demem {
 
@@ -74,7 +77,12 @@ constexpr int64_t kChunk = 65536;              // columns per accumulation task 
 constexpr int64_t kNormChunk = 65536;          // columns per norm task of the "columns" schedule (at least)
 constexpr int64_t kMaxGroup = 4;               // rows per group of the "rows" schedule (one sweep)
 constexpr int kNormRows = 16;                  // rows read side by side by a norm sweep (at most)
-constexpr int64_t kDrawSpacing = 2048;         // elements of a norm sweep per 32 normals drawn (at most)
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int64_t kDraw = 64;  // normals per draw in a norm sweep: one call of the widest Philox path
+#else
+constexpr int64_t kDraw = 32;
+#endif
+constexpr int64_t kDrawSpacing = 2048 * kDraw / 32;  // elements of a norm sweep per draw (at most)
 constexpr int64_t kMinTaskBytes = 512 * 1024;  // less work than this per thread is not worth a thread
 constexpr int64_t kMinFinishColumns = 8192;    // columns per task of the noise/finish region
 
@@ -141,19 +149,20 @@ struct NoiseSlice {
 
 // The step's P normals, drawn during the norm sweeps (compute-bound work that hides in the
 // memory-bound sweeps) into a buffer that the finish step adds: sweep `item` (of `items`, each over
-// `sweep_len` elements) draws slice(item). A sweep draws 32 normals per kDrawSpacing elements or
-// more; measured on a Zen 4, sparser draws slowed the sweeps down more than they hid.
+// `sweep_len` elements) draws slice(item). A sweep draws kDraw normals per kDrawSpacing elements or
+// more (32 per 2048); measured on a Zen 4, sparser draws slowed the sweeps down more than they hid.
 struct NoisePlan {
   float* z = nullptr;  // [P]; nullptr without noise
   int64_t total = 0;
-  int64_t per_item = 0;  // a multiple of 32 (whole draws of DEMEM_NORMALS_ENTRY's vector path)
+  int64_t per_item = 0;  // a multiple of kDraw (whole draws of DEMEM_NORMALS_ENTRY's vector path)
   uint64_t seed = 0;
   uint64_t offset = 0;
 
   NoisePlan(float* buffer, int64_t P, int64_t items, int64_t sweep_len, uint64_t seed_, uint64_t offset_)
       : z(buffer),
         total(P),
-        per_item(32 * std::max(divup(sweep_len, kDrawSpacing), divup(divup(P, std::max<int64_t>(1, items)), 32))),
+        per_item(kDraw *
+                 std::max(divup(sweep_len, kDrawSpacing), divup(divup(P, std::max<int64_t>(1, items)), kDraw))),
         seed(seed_),
         offset(offset_) {}
   const float* column(int64_t col0) const { return z == nullptr ? nullptr : z + col0; }
@@ -190,7 +199,7 @@ inline void add_widened(const Vectorized<float>& v, Vectorized<double>& a0, Vect
 constexpr int64_t kReducedBlock = 32;
 
 // out[k] = Σ x[k·stride + 0:n]² for the K rows, read side by side (see above for the accumulation);
-// draws the normals of `noise` in between (spread over the sweep, 32 at a time). The sums do not
+// draws the normals of `noise` in between (spread over the sweep, kDraw at a time). The sums do not
 // depend on the noise (same accumulators, same order). Two float64 accumulators per row for up to
 // four rows, one for more (enough independent FMA chains either way, few register spills).
 template <typename scalar_t, int K>
@@ -202,7 +211,7 @@ void sum_squares_k(const scalar_t* x, int64_t stride, int64_t n, double* out, co
   Vectorized<double> a[K][2];
   for (int k = 0; k < K; ++k) a[k][0] = a[k][1] = Vectorized<double>(0.0);
   const int64_t vec_end = n - n % W::kStep;
-  const int64_t draws = divup(noise.count, 32);
+  const int64_t draws = divup(noise.count, kDraw);
   int64_t i = 0;
   for (int64_t d = 0; d <= draws; ++d) {
     const int64_t stop = d == draws ? vec_end : (vec_end / W::kStep) * (d + 1) / (draws + 1) * W::kStep;
@@ -231,8 +240,8 @@ void sum_squares_k(const scalar_t* x, int64_t stride, int64_t n, double* out, co
       }
     }
     if (d < draws) {
-      DEMEM_NORMALS_ENTRY(noise.z + 32 * d, std::min<int64_t>(32, noise.count - 32 * d), noise.seed,
-                          noise.block0 + static_cast<uint64_t>(8 * d));
+      DEMEM_NORMALS_ENTRY(noise.z + kDraw * d, std::min<int64_t>(kDraw, noise.count - kDraw * d), noise.seed,
+                          noise.block0 + static_cast<uint64_t>(kDraw / 4 * d));
     }
   }
   for (int k = 0; k < K; ++k) {
@@ -501,6 +510,9 @@ void fused_step_impl(const FusedCpuArgs& a, CpuSchedule schedule) {
 void DEMEM_NORMALS_ENTRY(float* out, int64_t n, uint64_t seed, uint64_t block0) {
   int64_t j = 0;
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+#if defined(CPU_CAPABILITY_AVX512)
+  for (; j + 64 <= n; j += 64) philox_normal64(block0 + static_cast<uint64_t>(j / 4), seed, out + j);
+#endif
   for (; j + 32 <= n; j += 32) philox_normal32(block0 + static_cast<uint64_t>(j / 4), seed, out + j);
   if (j < n) {
     float z[32];

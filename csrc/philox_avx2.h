@@ -63,6 +63,18 @@ inline void philox8(uint64_t block0, uint64_t seed, __m256i x[4]) {
   x[3] = x3;
 }
 
+// Stores normals z_l[b] (word l of block b, eight blocks) in stream order: out[4·b + l].
+inline void store_block_major8(__m256 z0, __m256 z1, __m256 z2, __m256 z3, float* out) {
+  const __m256 t0 = _mm256_unpacklo_ps(z0, z1), t1 = _mm256_unpackhi_ps(z0, z1);  // blocks 0,1 | 4,5 ; 2,3 | 6,7
+  const __m256 t2 = _mm256_unpacklo_ps(z2, z3), t3 = _mm256_unpackhi_ps(z2, z3);
+  const __m256 b04 = _mm256_shuffle_ps(t0, t2, 0x44), b15 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  const __m256 b26 = _mm256_shuffle_ps(t1, t3, 0x44), b37 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  _mm256_storeu_ps(out, _mm256_permute2f128_ps(b04, b15, 0x20));
+  _mm256_storeu_ps(out + 8, _mm256_permute2f128_ps(b26, b37, 0x20));
+  _mm256_storeu_ps(out + 16, _mm256_permute2f128_ps(b04, b15, 0x31));
+  _mm256_storeu_ps(out + 24, _mm256_permute2f128_ps(b26, b37, 0x31));
+}
+
 // The 32 normals of Philox blocks block0 .. block0 + 7, in stream order (block-major, lane-minor).
 inline void philox_normal32(uint64_t block0, uint64_t seed, float* out) {
   __m256i x[4];
@@ -73,17 +85,8 @@ inline void philox_normal32(uint64_t block0, uint64_t seed, float* out) {
   const __m256 r23 = _mm256_sqrt_ps(_mm256_mul_ps(minus_two, Sleef_logf8_u10avx2(uniform8(x[2]))));
   const Sleef___m256_2 sc01 = Sleef_sincosf8_u10avx2(_mm256_mul_ps(two_pi, uniform8(x[1])));
   const Sleef___m256_2 sc23 = Sleef_sincosf8_u10avx2(_mm256_mul_ps(two_pi, uniform8(x[3])));
-  const __m256 z0 = _mm256_mul_ps(r01, sc01.y), z1 = _mm256_mul_ps(r01, sc01.x);
-  const __m256 z2 = _mm256_mul_ps(r23, sc23.y), z3 = _mm256_mul_ps(r23, sc23.x);
-  // Transpose lanes × blocks into block-major order.
-  const __m256 t0 = _mm256_unpacklo_ps(z0, z1), t1 = _mm256_unpackhi_ps(z0, z1);  // blocks 0,1 | 4,5 ; 2,3 | 6,7
-  const __m256 t2 = _mm256_unpacklo_ps(z2, z3), t3 = _mm256_unpackhi_ps(z2, z3);
-  const __m256 b04 = _mm256_shuffle_ps(t0, t2, 0x44), b15 = _mm256_shuffle_ps(t0, t2, 0xEE);
-  const __m256 b26 = _mm256_shuffle_ps(t1, t3, 0x44), b37 = _mm256_shuffle_ps(t1, t3, 0xEE);
-  _mm256_storeu_ps(out, _mm256_permute2f128_ps(b04, b15, 0x20));
-  _mm256_storeu_ps(out + 8, _mm256_permute2f128_ps(b26, b37, 0x20));
-  _mm256_storeu_ps(out + 16, _mm256_permute2f128_ps(b04, b15, 0x31));
-  _mm256_storeu_ps(out + 24, _mm256_permute2f128_ps(b26, b37, 0x31));
+  store_block_major8(_mm256_mul_ps(r01, sc01.y), _mm256_mul_ps(r01, sc01.x), _mm256_mul_ps(r23, sc23.y),
+                     _mm256_mul_ps(r23, sc23.x), out);
 }
 
 }  // namespace demem
