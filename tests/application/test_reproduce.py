@@ -78,7 +78,8 @@ def test_configurations_cover_the_comparison() -> None:
     base = TrainConfig(epochs=3, batch_size=32)
     configs = {c.slug: c for c in configurations(base, trace_lam=2.0)}
     assert tuple(configs) == ALL_SLUGS and len(set(ALL_SLUGS)) == len(ALL_SLUGS)
-    assert sorted(SLUGS + DP_MATCH_SLUGS + VARIANT_SLUGS) == sorted(ALL_SLUGS) and len(SLUGS) == 19
+    assert set(SLUGS + DP_MATCH_SLUGS + VARIANT_SLUGS) == set(ALL_SLUGS) and len(SLUGS) == 20
+    assert "pgd-dp-c10-s0.1" in SLUGS and "pgd-dp-c3-s0.1" not in SLUGS  # the matched DP-SGD setting only
     assert not configs["pgd-at"].config.use_demem and configs["trades"].config.at == "trades"
     dp = configs["pgd-dp-s0.5"].config
     assert dp.per_sample() and dp.demem == demem_fields(lam=0.0, max_grad_norm=1.0, noise_multiplier=0.5,
