@@ -59,7 +59,8 @@ def main(folder: Path) -> None:
             verdict = (f"leakage {'met' if reduced else 'NOT met'}; accuracy {'met' if accurate else 'NOT met'}")
         print(f"| {entry['name']} | {tprs} | {change(entry['0.01'])} | {change(entry['0.001'])} | "
               + " | ".join(", ".join(f"{d:+.2f}" for d in ds) for ds in (nat, pgd, aa)) + f" | {verdict} |")
-    pareto(rows, seeds, "pgd-demem-l0.75", "pgd-relaxloss-a0.5")
+    for other in ("pgd-relaxloss-a0.5", "pgd-dp-c10-s0.1", "pgd-dp-s1"):  # RelaxLoss, matched and standard DP-SGD
+        pareto(rows, seeds, "pgd-demem-l0.75", other)
 
 
 def pareto(rows: dict, seeds: list, demem: str, other: str) -> None:
