@@ -308,8 +308,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     keep_seeds = parse_seeds(args.keep_seeds)
     out = Path(args.out) if args.out else Path("runs") / f"reproduce-{args.dataset}{'-quick' if args.quick else ''}"
     flags = ["reproduce"] + (["--quick"] if args.quick else []) + ["--dataset", args.dataset, "--out", str(out)]
-    for name in ("data_dir", "models", "epochs", "configs", "autoattack", "attack_steps", "batch_size", "eval_limit",
-                 "keep_seed", "keep_seeds", "results", "threads"):
+    for name in ("data_dir", "models", "epochs", "configs", "autoattack", "autoattack_models", "attack_steps",
+                 "batch_size", "eval_limit", "keep_seed", "keep_seeds", "results", "threads"):
         if getattr(args, name) is not None:
             flags += ["--" + name.replace("_", "-"), str(getattr(args, name))]
     flags += (["--jobs", str(args.jobs)] if args.jobs != 1 else []) + (["--no-progress"] if args.no_progress else [])
@@ -323,7 +323,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         reproduce(out, quick=args.quick, dataset=args.dataset, models=args.models, epochs=args.epochs, configs=configs,
                   jobs=args.jobs, autoattack=args.autoattack, progress=not args.no_progress,
                   base_overrides=overrides, eval_limit=args.eval_limit, keep_seed=args.keep_seed or 0,
-                  command=command, results_path=args.results, keep_seeds=keep_seeds, ensemble=args.ensemble)
+                  command=command, results_path=args.results, keep_seeds=keep_seeds, ensemble=args.ensemble,
+                  autoattack_models=args.autoattack_models or 1)
     return 0
 
 
@@ -383,11 +384,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "faster; else as many as half the free memory holds, shared by the jobs (at most 8 on a CPU)")
     p.add_argument("--autoattack", default=None, choices=["standard", "fast", "none"],
                    help="AutoAttack on model 0 (default standard; fast with --quick)")
+    p.add_argument("--autoattack-models", type=positive_int, default=None,
+                   help="evaluate models 0..N-1 of each configuration (natural, PGD-20, AutoAttack; the report's "
+                        "AutoAttack column is their mean; default 1: model 0)")
     p.add_argument("--attack-steps", type=nonnegative_int, default=None, help="training PGD steps (default 10)")
     p.add_argument("--batch-size", type=positive_int, default=None,
                    help="training batch size (default 64; 32 quick)")
     p.add_argument("--eval-limit", type=positive_int, default=None,
-                   help="evaluate model 0 on the first N test samples")
+                   help="evaluate the models on the first N test samples")
     p.add_argument("--keep-seed", type=int, default=None, help="seed of the inclusion masks (default 0): a replicate")
     p.add_argument("--keep-seeds", default=None,
                    help="comma-separated mask seeds a,b,c: R independent replicates in <out>/keep-<seed>/, "

@@ -21,7 +21,12 @@ from demem_ext.training.checkpoint import load_checkpoint, read_json, write_text
 from demem_ext.training.ensemble_size import check_ensemble, resolve_ensemble
 from demem_ext.training.metrics import read_rows
 
-EVAL_NAME = "eval_model0.json"
+def eval_name(model: int) -> str:
+    """The file caching model `model`'s robustness evaluation in a configuration folder."""
+    return f"eval_model{model}.json"
+
+
+EVAL_NAME = eval_name(0)
 DIVERGED_NAME = "diverged.json"
 
 
@@ -148,55 +153,60 @@ def train_all(selected: Sequence[Configuration], out: Path, num_models: int, kee
     return trained
 
 
-def _eval_settings(autoattack: str, limit: Optional[int]) -> dict[str, Any]:
-    return {"autoattack": autoattack, "limit": limit, "model": 0}
+def _eval_settings(autoattack: str, limit: Optional[int], model: int = 0) -> dict[str, Any]:
+    return {"autoattack": autoattack, "limit": limit, "model": model}
 
 
-def _cached_evaluation(folder: Path, autoattack: str, limit: Optional[int]) -> Optional[dict[str, Any]]:
-    path = folder / EVAL_NAME
+def _cached_evaluation(folder: Path, autoattack: str, limit: Optional[int],
+                       model: int = 0) -> Optional[dict[str, Any]]:
+    path = folder / eval_name(model)
     if path.exists():
         cached = read_json(path)
-        if isinstance(cached, dict) and cached.get("settings") == _eval_settings(autoattack, limit):
+        if isinstance(cached, dict) and cached.get("settings") == _eval_settings(autoattack, limit, model):
             return cached
     return None
 
 
-def evaluate_model0(folder: Path, autoattack: str, limit: Optional[int]) -> dict[str, Any]:
-    """Natural, PGD-20 and AutoAttack accuracy of model 0 on the test split, cached in EVAL_NAME."""
+def evaluate_model(folder: Path, autoattack: str, limit: Optional[int], model: int = 0) -> dict[str, Any]:
+    """Natural, PGD-20 and AutoAttack accuracy of one model on the test split (seeded by its training seed),
+    cached in eval_name(model)."""
     from demem_ext.adversarial.robustness import evaluate
     from demem_ext.training import restore
 
-    cached = _cached_evaluation(folder, autoattack, limit)
+    cached = _cached_evaluation(folder, autoattack, limit, model)
     if cached is not None:
         return cached
     start = time.perf_counter()
-    path = model_dir(folder, 0) / "checkpoint.pt"
+    path = model_dir(folder, model) / "checkpoint.pt"
     state = restore(load_checkpoint(path, expected_format="demem-ext/train-v1"), str(path))
     cfg = state.config
     result = evaluate(state.model, state.test_set, cfg.eps, state.info.num_classes, clamp=state.info.input_range,
                       autoattack=autoattack, device=cfg.device, limit=limit, seed=cfg.seed)
-    result["settings"] = _eval_settings(autoattack, limit)
+    result["settings"] = _eval_settings(autoattack, limit, model)
     result["seconds"] = round(time.perf_counter() - start, 1)
-    write_text_atomic(json.dumps(result, indent=2), folder / EVAL_NAME)
+    write_text_atomic(json.dumps(result, indent=2), folder / eval_name(model))
     return result
 
 
 def evaluate_all(selected: Sequence[Configuration], out: Path, autoattack: str, limit: Optional[int], pool: Pool,
-                  log: Callable[[str], None]) -> None:
-    """Evaluate model 0 of every trained, undiverged configuration lacking a cached result (in the pool)."""
-    todo = [c for c in selected if divergence(c, out) is None and _cached_evaluation(out / c.folder, autoattack, limit)
-            is None]
+                  log: Callable[[str], None], models: int = 1) -> None:
+    """Evaluate models 0 .. models − 1 of every trained, undiverged configuration lacking a cached result (in the
+    pool)."""
+    todo = [(c, k) for c in selected if divergence(c, out) is None for k in range(models)
+            if _cached_evaluation(out / c.folder, autoattack, limit, k) is None]
     if not todo:
         return
-    log(f"evaluating model 0 of {len(todo)} configuration(s) (natural, PGD-20, AutoAttack {autoattack})")
+    log(f"evaluating {len(todo)} model(s) (natural, PGD-20, AutoAttack {autoattack}; models 0-{models - 1} of each "
+        f"configuration)")
     if pool.jobs <= 1:
-        for c in todo:
-            evaluate_model0(out / c.folder, autoattack, limit)
+        for c, k in todo:
+            evaluate_model(out / c.folder, autoattack, limit, k)
         return
-    futures = {pool.get().submit(evaluate_model0, out / c.folder, autoattack, limit): c for c in todo}
+    futures = {pool.get().submit(evaluate_model, out / c.folder, autoattack, limit, k): (c, k) for c, k in todo}
     for future in concurrent.futures.as_completed(futures):
         future.result()
-        log(f"[{futures[future].slug}] model 0 evaluated")
+        c, k = futures[future]
+        log(f"[{c.slug}] model {k} evaluated")
 
 
 def train_seconds(folder: Path, num_models: int) -> float:

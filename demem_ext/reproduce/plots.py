@@ -9,6 +9,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from demem_ext.audit.metrics import _tpr_at
+from demem_ext.reproduce.report import evaluated_models, robust_accuracy
 
 LABEL_GAP = 0.05  # minimal vertical distance between two point labels, in axes fractions
 MARKERS = {"baseline": "o", "dp": "s", "demem": "^", "demem-trace": "D", "demem-variant": "v", "demem-score": "P",
@@ -47,7 +48,7 @@ def plot_tradeoff(rows: Sequence[dict[str, Any]], path: Path, use_autoattack: bo
     for r in rows:
         if r["status"] != "ok":
             continue
-        x = r["model0"]["autoattack_acc"] if use_autoattack else r["mean_test_pgd20_acc"]
+        x = robust_accuracy(r) if use_autoattack else r["mean_test_pgd20_acc"]
         if x is None:
             continue
         p = r["primary"]
@@ -58,7 +59,8 @@ def plot_tradeoff(rows: Sequence[dict[str, Any]], path: Path, use_autoattack: bo
         points.append((100 * x, y, r["name"]))
     ax.axhline(1.0, color="k", linestyle=":", linewidth=0.8)
     attack = next((r["primary"]["attack"] for r in rows if r["status"] == "ok"), "primary attack")
-    ax.set(xlabel=("AutoAttack accuracy of model 0 (%)" if use_autoattack else "mean PGD-20 test accuracy (%)"),
+    ax.set(xlabel=(f"AutoAttack accuracy: {evaluated_models(rows)} (%)" if use_autoattack
+                   else "mean PGD-20 test accuracy (%)"),
            ylabel=f"TPR at 1% FPR (%), {attack}", title="privacy–robustness trade-off (lower right is better)")
     from matplotlib.lines import Line2D  # legend proxies, not drawn in the axes (no effect on its limits)
 

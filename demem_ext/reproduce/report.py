@@ -16,6 +16,17 @@ from demem_ext.training.checkpoint import write_text_atomic
 
 # ---------------------------------------------------------------- the report
 
+def robust_accuracy(row: dict[str, Any]) -> Optional[float]:
+    """A result row's AutoAttack accuracy: the mean over its evaluated models (model 0's in older rows)."""
+    return row.get("autoattack", {}).get("mean", row["model0"]["autoattack_acc"])
+
+
+def evaluated_models(rows: Sequence[dict[str, Any]]) -> str:
+    """Which models the robustness columns describe: "model 0" or "mean of models 0-N"."""
+    n = max((r.get("autoattack", {}).get("models", 1) for r in rows if r["status"] == "ok"), default=1)
+    return "model 0" if n == 1 else f"mean of models 0-{n - 1}"
+
+
 def _pct(x: Optional[float]) -> str:
     return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.2f}%"
 
@@ -132,11 +143,12 @@ def write_results(summary: dict[str, Any], path: str | Path) -> Path:
         f"{summary['epochs']} epoch{'s' if summary['epochs'] != 1 else ''} on a random half of the training split (inclusion masks seed "
         f"{summary['seeds']['keep_seed']}); LiRA is leave-one-out over the {summary['num_models']} models.",
         f"- seeds: model i trains with {summary['seeds']['model_seeds']}; split seed {summary['seeds']['split_seed']}; "
-        f"evaluation seed = model 0's training seed.",
+        f"evaluation seed = the evaluated model's training seed.",
         "- base configuration: " + ", ".join(f"{k}={summary['base_config'][k]}" for k in
                                                ("model", "eps", "alpha", "attack_steps", "beta", "optimizer", "lr",
                                                 "schedule", "batch_size")),
-        f"- robustness of model 0: PGD-20 and AutoAttack `{summary['autoattack']}` (torchattacks) on "
+        f"- robustness of {evaluated_models(rows)}: PGD-20 and AutoAttack `{summary['autoattack']}` (torchattacks) "
+        "on "
         f"{'the first ' + str(summary['eval_limit']) + ' test samples' if summary['eval_limit'] else 'the test split'}.",
         f"- software: Python {v['python']}, torch {v['torch']}, torchattacks {v['torchattacks']}, numpy {v['numpy']}; "
         f"{v['platform']}; {v['torch_threads']} torch threads; {summary['jobs']} training process(es).",
@@ -145,7 +157,8 @@ def write_results(summary: dict[str, Any], path: str | Path) -> Path:
         "",
         "## Results",
         "",
-        "Natural and PGD-20: mean test accuracy over the M models. AutoAttack: model 0. Primary attack: "
+        "Natural and PGD-20: mean test accuracy over the M models. "
+        f"AutoAttack: {evaluated_models(rows)}. Primary attack: "
         f"{summary.get('primary_attack', '')} (leave-one-out; rule: {summary.get('primary_rule', '')}). "
         "TPR [95% CI]: bootstrap over the "
         f"population samples ({summary['bootstrap_resamples']} resamples, all M pairs of a sample kept together); "
@@ -170,13 +183,13 @@ def write_results(summary: dict[str, Any], path: str | Path) -> Path:
         eps = f"{r['epsilon']:.3g}" if r["epsilon"] is not None else "—"
         p, w = r["primary"], r["worst_case"]
         lines.append(f"| {r['name']} (`{r['folder']}`) | {_pct(r['mean_test_natural_acc'])} | "
-                     f"{_pct(r['mean_test_pgd20_acc'])} | {_pct(r['model0']['autoattack_acc'])} | "
+                     f"{_pct(r['mean_test_pgd20_acc'])} | {_pct(robust_accuracy(r))} | "
                      f"{_ci(p['tpr_at_fpr_0.001'], p.get('tpr_at_fpr_0.001_ci95'))} | "
                      f"{_ci(p['tpr_at_fpr_0.01'], p.get('tpr_at_fpr_0.01_ci95'))} | {_vs_base(r)} | {p['auc']:.3f} | "
                      f"{_pct(w['tpr_at_fpr_0.001'])} | {_pct(w['tpr_at_fpr_0.01'])} | "
                      f"{_pct(r['lira_online']['tpr_at_fpr_0.01'])} | {eps} | {r['train_seconds']:.0f} s |")
     lines += [""] + _attack_table(rows) + replicate_lines(summary.get("replicates", []))
-    lines += ["Model 0 alone (the model AutoAttack evaluates):", "",
+    lines += ["Model 0 alone (its natural, PGD-20 and AutoAttack accuracy):", "",
               "| configuration | natural | PGD-20 | AutoAttack |", "|---|---:|---:|---:|"]
     for r in rows:
         if r["status"] == "ok":

@@ -11,7 +11,7 @@ import torch
 from demem_ext.audit.attacks import run_attacks
 from demem_ext.audit.shadow import STATS_FORMAT, load_stats, missing_models, model_dir
 from demem_ext.reproduce.configs import BASELINE_SLUG, FALLBACK_LAMBDA, SWEEP_LAMBDAS, Configuration
-from demem_ext.reproduce.jobs import divergence, evaluate_model0, train_seconds
+from demem_ext.reproduce.jobs import divergence, evaluate_model, train_seconds
 from demem_ext.training.checkpoint import load_checkpoint, read_json
 
 LIRA = "LiRA online"
@@ -45,14 +45,21 @@ def _diverged_row(c: Configuration, out: Path, num_models: int, record: dict[str
             "train_seconds": round(train_seconds(out / c.folder, num_models), 1)}
 
 
-def _row(c: Configuration, report: dict[str, Any], evaluation: dict[str, Any], seconds: float) -> dict[str, Any]:
+def _row(c: Configuration, report: dict[str, Any], evaluations: list[dict[str, Any]], seconds: float
+         ) -> dict[str, Any]:
+    """evaluations: of models 0, 1, ... (AutoAttack's mean is over all of them)."""
     attacks = report["attacks"]
+    evaluation = evaluations[0]
+    autoattack = [e.get("autoattack_acc") for e in evaluations]
+    known = [a for a in autoattack if a is not None]
     return {
         "status": "ok", **_identity(c),
         "mean_test_natural_acc": report["test_accuracy"]["natural"],
         "mean_test_pgd20_acc": report["test_accuracy"]["pgd20"],
         "model0": {k: evaluation.get(k) for k in ("natural_acc", "pgd20_acc", "autoattack_acc", "autoattack_version",
                                                   "num_samples")},
+        "autoattack": {"models": len(evaluations), "values": autoattack,
+                       "mean": sum(known) / len(known) if known else None},
         "primary": dict(report["primary"]), "worst_case": report["worst_case"], "attacks": attacks,
         "lira_online": dict(attacks[LIRA]), "lira_online_adv": dict(attacks[LIRA_ADV]),
         "epsilon": report["privacy"].get("epsilon"), "epsilon_delta": report["privacy"].get("delta"),
@@ -63,18 +70,21 @@ def _row(c: Configuration, report: dict[str, Any], evaluation: dict[str, Any], s
 
 def evaluate(c: Configuration, out: Path, num_models: int, autoattack: str, eval_limit: Optional[int],
              log: Callable[[str], None], rows: dict[str, dict[str, Any]], stats: dict[str, dict[str, Any]],
-             scores: dict[str, Scores]) -> None:
-    """rows[c.slug] (and, unless c diverged, stats[c.slug] and scores[c.slug]: primary and LiRA offline)."""
+             scores: dict[str, Scores], autoattack_models: int = 1) -> None:
+    """rows[c.slug] (and, unless c diverged, stats[c.slug] and scores[c.slug]: primary and LiRA offline); the
+    robustness of models 0 .. autoattack_models − 1."""
     record = divergence(c, out)
     if record is not None:
         rows[c.slug] = _diverged_row(c, out, num_models, record)
         return
-    rows[c.slug], stats[c.slug], scores[c.slug] = _run_configuration(c, out, num_models, autoattack, eval_limit, log)
+    rows[c.slug], stats[c.slug], scores[c.slug] = _run_configuration(c, out, num_models, autoattack, eval_limit, log,
+                                                                      autoattack_models)
 
 
 def _run_configuration(c: Configuration, out: Path, num_models: int, autoattack: str, eval_limit: Optional[int],
-                       log: Callable[[str], None]) -> tuple[dict[str, Any], dict[str, Any], Scores]:
-    """Audit (always recomputed from the saved stats: cheap) and the cached model-0 evaluation."""
+                       log: Callable[[str], None], autoattack_models: int = 1
+                       ) -> tuple[dict[str, Any], dict[str, Any], Scores]:
+    """Audit (always recomputed from the saved stats: cheap) and the cached model evaluations."""
     from demem_ext.audit.report import run_audit
 
     folder = out / c.folder
@@ -84,8 +94,8 @@ def _run_configuration(c: Configuration, out: Path, num_models: int, autoattack:
                          f"(e.g. after a change of DeMemConfig's defaults): use another --out or remove the folder")
     attacks = run_attacks(stats)
     report = run_audit(stats, folder, title=f"{c.name}: membership inference", attacks=attacks)
-    evaluation = evaluate_model0(folder, autoattack, eval_limit)
-    row = _row(c, report, evaluation, train_seconds(folder, num_models))
+    evaluations = [evaluate_model(folder, autoattack, eval_limit, k) for k in range(autoattack_models)]
+    row = _row(c, report, evaluations, train_seconds(folder, num_models))
     p = row["primary"]
     log(f"[{c.slug}] natural {100 * row['mean_test_natural_acc']:.2f}%  PGD-20 {100 * row['mean_test_pgd20_acc']:.2f}%"
         f"  primary TPR@0.1% {100 * p['tpr_at_fpr_0.001']:.2f}%  TPR@1% {100 * p['tpr_at_fpr_0.01']:.2f}%"

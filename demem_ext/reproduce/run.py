@@ -2,12 +2,13 @@
 
 PGD-AT vs PGD-AT + DP-SGD vs PGD-AT + DeMem (λ sweep, loss-trace proxy), and the same with TRADES.
 For each configuration: M shadow models (resumable, `train_shadow_models`), the membership-inference
-audit (`run_audit`), and the robustness of model 0 (natural, PGD-20, AutoAttack; cached). Then the
+audit (`run_audit`), and the robustness of models 0 .. autoattack_models − 1 (natural, PGD-20, AutoAttack;
+cached). Then the
 λ of the trace configuration is chosen by a fixed rule, three figures are drawn and a Markdown
 report is written. Layout of the output folder (one replicate):
 
     <slug>/                 one audit folder per configuration (keep.pt, models/, audit.json, roc.png ...)
-    <slug>/eval_model0.json robustness of model 0 (reused on rerun when its settings match)
+    <slug>/eval_model<k>.json robustness of model k (reused on rerun when its settings match)
     summary.json            every number of the report
     roc_primary.png  privacy_robustness.png  accuracy_by_memorization.png
     results.md
@@ -99,7 +100,8 @@ def _figures(ordered: Sequence[dict[str, Any]], stats: dict[str, Any], scores: d
 
 def _replicate(out: Path, base: TrainConfig, selected_slugs: Sequence[str], num_models: int, keep_seed: int,
                pool: Pool, autoattack: str, eval_limit: Optional[int], progress: bool,
-               log: Callable[[str], None], ensemble: int | str = "auto") -> tuple[dict[str, Any], dict[str, Any]]:
+               log: Callable[[str], None], ensemble: int | str = "auto", autoattack_models: int = 1
+               ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Train, audit and evaluate one replicate (one inclusion-mask seed) in out; the summary's numbers, and
     the primary attack's (scores, is_member) per configuration."""
     all_configs = configurations(base)
@@ -108,16 +110,16 @@ def _replicate(out: Path, base: TrainConfig, selected_slugs: Sequence[str], num_
     stats: dict[str, dict[str, Any]] = {}
     scores: dict[str, Any] = {}
     trained = train_all(first, out, num_models, keep_seed, pool, progress, log, ensemble)
-    evaluate_all(first, out, autoattack, eval_limit, pool, log)
+    evaluate_all(first, out, autoattack, eval_limit, pool, log, autoattack_models)
     for c in first:
-        evaluate(c, out, num_models, autoattack, eval_limit, log, rows, stats, scores)
+        evaluate(c, out, num_models, autoattack, eval_limit, log, rows, stats, scores, autoattack_models)
     choice = choose_lambda(sweep_rows_on_disk(all_configs, out, num_models, rows))
     log(f"λ choice: {choice['reason']}")
     if TRACE_SLUG in selected_slugs:
         trace = next(c for c in configurations(base, trace_lam=choice["lam"]) if c.slug == TRACE_SLUG)
         trained.update(train_all([trace], out, num_models, keep_seed, pool, progress, log, ensemble))
-        evaluate_all([trace], out, autoattack, eval_limit, pool, log)
-        evaluate(trace, out, num_models, autoattack, eval_limit, log, rows, stats, scores)
+        evaluate_all([trace], out, autoattack, eval_limit, pool, log, autoattack_models)
+        evaluate(trace, out, num_models, autoattack, eval_limit, log, rows, stats, scores, autoattack_models)
     ordered = [rows[s] for s in ALL_SLUGS if s in rows]
     primary = {s: v[rows[s]["primary"]["attack"]] for s, v in scores.items()}
     add_bootstrap(ordered, primary)
@@ -146,13 +148,16 @@ def reproduce(out_dir: str | Path, quick: bool = False, dataset: str = "digits",
               autoattack: Optional[str] = None, progress: bool = False, log: Callable[[str], None] = print,
               base_overrides: Optional[dict[str, Any]] = None, eval_limit: Optional[int] = None,
               keep_seed: int = 0, command: Optional[str] = None, results_path: Optional[str | Path] = None,
-              keep_seeds: Optional[str | Sequence[int]] = None, ensemble: int | str = "auto") -> dict[str, Any]:
+              keep_seeds: Optional[str | Sequence[int]] = None, ensemble: int | str = "auto",
+              autoattack_models: int = 1) -> dict[str, Any]:
     """Run (or resume) the comparison in out_dir; returns the summary (also out_dir/summary.json).
 
     quick: M = 4 models, 15 epochs of batch 32, AutoAttack "fast"; else M = 16, TrainConfig's epochs, "standard".
     configs: slugs or keywords (default: the comparison, SLUGS; see parse_configs). jobs > 1: shadow models in parallel processes.
     base_overrides: TrainConfig fields applied to the base configuration (e.g. attack_steps, batch_size).
-    eval_limit: evaluate model 0 on the first N test samples only. results_path: also write the report
+    eval_limit: evaluate the models on the first N test samples only. autoattack_models: natural, PGD-20 and
+    AutoAttack accuracy of models 0 .. N − 1 (the report's AutoAttack column is their mean; model 0 alone is
+    also reported). results_path: also write the report
     there (PNGs copied next to it); out_dir/results.md is always written.
     keep_seeds: R >= 2 inclusion-mask seeds: R replicates in out_dir/keep-<seed>/, summarised in out_dir
     (mean over replicates with 95% t-intervals); otherwise the one replicate keep_seed, in out_dir itself.
@@ -169,6 +174,10 @@ def reproduce(out_dir: str | Path, quick: bool = False, dataset: str = "digits",
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"jobs must be a positive integer, got {jobs!r}")
     check_ensemble(ensemble, num_models)
+    if (isinstance(autoattack_models, bool) or not isinstance(autoattack_models, int)
+            or not 1 <= autoattack_models <= num_models):
+        raise ValueError(f"autoattack_models must be an integer in [1, {num_models}] (the models), "
+                         f"got {autoattack_models!r}")
     autoattack = autoattack or ("fast" if quick else "standard")
     if autoattack not in ("standard", "fast", "none"):
         raise ValueError(f"autoattack must be 'standard', 'fast' or 'none', got {autoattack!r}")
@@ -180,13 +189,16 @@ def reproduce(out_dir: str | Path, quick: bool = False, dataset: str = "digits",
     common = {
         "command": command or f"demem_ext.reproduce.reproduce({str(out)!r}, quick={quick}, models={models}, "
                               f"epochs={epochs}, configs={configs!r}, jobs={jobs}, ensemble={ensemble!r}, "
-                              f"autoattack={autoattack!r}, "
+                              f"autoattack={autoattack!r}, autoattack_models={autoattack_models}, "
                               f"keep_seeds={seeds})",
         "quick": quick, "dataset": dataset, "num_models": num_models, "epochs": base.epochs,
-        "autoattack": autoattack, "eval_limit": eval_limit, "jobs": jobs, "ensemble": ensemble,
+        "autoattack": autoattack, "autoattack_models": autoattack_models, "eval_limit": eval_limit, "jobs": jobs,
+        "ensemble": ensemble,
         "base_config": base.to_dict(), "base_overrides": base_overrides or {}, "versions": _versions(),
         "bootstrap_resamples": BOOTSTRAP_RESAMPLES, "primary_attack": None, "primary_rule": PRIMARY_RULE,
-        "robust_axis": "AutoAttack accuracy of model 0" if use_aa else "mean PGD-20 test accuracy"}
+        "robust_axis": (("AutoAttack accuracy of model 0" if autoattack_models == 1 else
+                         f"mean AutoAttack accuracy of models 0-{autoattack_models - 1}") if use_aa
+                        else "mean PGD-20 test accuracy")}
     summaries: dict[int, dict[str, Any]] = {}
     primary_scores: dict[int, dict[str, Any]] = {}
     pool = Pool(jobs)
@@ -195,7 +207,8 @@ def reproduce(out_dir: str | Path, quick: bool = False, dataset: str = "digits",
             folder = out if len(seeds) == 1 else out / f"keep-{seed}"
             folder.mkdir(parents=True, exist_ok=True)
             numbers, primary_scores[seed] = _replicate(folder, base, selected_slugs, num_models, seed, pool,
-                                                       autoattack, eval_limit, progress, log, ensemble)
+                                                       autoattack, eval_limit, progress, log, ensemble,
+                                                       autoattack_models)
             primary = next((r["primary"]["attack"] for r in numbers["rows"] if r["status"] == "ok"), None)
             summary = {**common, **numbers, "out_dir": str(folder), "keep_seed": seed, "primary_attack": primary,
                        "seeds": {"keep_seed": seed, "model_seeds": f"base seed {base.seed} + model id "

@@ -3,7 +3,8 @@
 usage: python docs/audit/confirmation_targets.py RUN_DIR
 RUN_DIR holds summary.json (the replicates, with the pooled paired bootstrap) and keep-<seed>/summary.json.
 Prints, per configuration, the per-seed and pooled changes of the primary attack's TPR from the family
-baseline, the accuracy changes (natural and PGD-20: mean over the models; AutoAttack: model 0), and each
+baseline, the accuracy changes (natural and PGD-20: mean over the models; AutoAttack: the mean over the models
+evaluated, `--autoattack-models`, model 0 alone by default), and each
 target's verdict. The targets are the issue's, written here before the run was read.
 """
 import json
@@ -34,7 +35,7 @@ def main(folder: Path) -> None:
                 if r["status"] == "ok"} for s in seeds}
     print(f"seeds {', '.join(map(str, seeds))}; primary attack: {top['replicates'][0]['attack']}")
     print("| configuration | TPR@1% per seed | TPR@1% change: per seed; pooled [95%] | TPR@0.1% change: per seed; "
-          "pooled [95%] | natural Δ per seed | PGD-20 Δ | AutoAttack Δ (model 0) | target |")
+          f"pooled [95%] | natural Δ per seed | PGD-20 Δ | AutoAttack Δ ({evaluated(rows)}) | target |")
     print("|---|---|---|---|---|---|---|---|")
     bases = {"PGD-AT": "pgd-at", "TRADES": "trades", "MART": "mart"}
     for entry in top["replicates"]:
@@ -48,7 +49,7 @@ def main(folder: Path) -> None:
         def delta(key: str) -> list[float]:
             return [100 * (get(rows[s][slug], key) - get(rows[s][base], key)) for s in seeds]
 
-        nat, pgd, aa = delta("mean_test_natural_acc"), delta("mean_test_pgd20_acc"), delta("model0/autoattack_acc")
+        nat, pgd, aa = delta("mean_test_natural_acc"), delta("mean_test_pgd20_acc"), delta(AUTOATTACK)
         verdict = "—"
         if family in TARGETS and "demem" in slug:
             need, both, cost = TARGETS[family]
@@ -69,14 +70,25 @@ def pareto(rows: dict, seeds: list, demem: str, other: str) -> None:
         return
     mean = lambda slug, key: sum(get(rows[s][slug], key) for s in seeds) / len(seeds)  # noqa: E731
     t_d, t_o = mean(demem, "primary/tpr_at_fpr_0.01"), mean(other, "primary/tpr_at_fpr_0.01")
-    a_d, a_o = mean(demem, "model0/autoattack_acc"), mean(other, "model0/autoattack_acc")
+    a_d, a_o = mean(demem, AUTOATTACK), mean(other, AUTOATTACK)
     verdict = "dominates" if t_d <= t_o and a_d > a_o else "does NOT dominate"
     print(f"\nPareto: {demem} TPR@1% {pct(t_d)}, AutoAttack {pct(a_d)}; {other} TPR@1% {pct(t_o)}, "
           f"AutoAttack {pct(a_o)} (means over seeds): DeMem {verdict} {other}")
 
 
+AUTOATTACK = "autoattack"  # the AutoAttack accuracy: the mean over the evaluated models (get)
+
+
+def evaluated(rows: dict) -> str:
+    """Which models AutoAttack evaluated: "model 0" or "mean of models 0-N"."""
+    n = max(r.get("autoattack", {}).get("models", 1) for seed_rows in rows.values() for r in seed_rows.values())
+    return "model 0" if n == 1 else f"mean of models 0-{n - 1}"
+
+
 def get(row: dict, key: str) -> float:
-    """row[a][b] for key "a/b"."""
+    """row[a][b] for key "a/b"; AUTOATTACK: the mean over the evaluated models (model 0 in older summaries)."""
+    if key == AUTOATTACK:
+        return float(row.get("autoattack", {}).get("mean", row["model0"]["autoattack_acc"]))
     for part in key.split("/"):
         row = row[part]
     return float(row)

@@ -53,16 +53,34 @@ def test_reproduce_end_to_end_then_rerun_trains_nothing(tmp_path: Path, capsys: 
         assert needle in text
     eval_mtime = (out / "pgd-at" / "eval_model0.json").stat().st_mtime_ns
 
-    # rerun through the CLI: every model and evaluation is reused; the report also goes to --results
+    assert rows["pgd-at"]["autoattack"] == {"models": 1, "values": [rows["pgd-at"]["model0"]["autoattack_acc"]],
+                                            "mean": rows["pgd-at"]["model0"]["autoattack_acc"]}
+
+    # rerun through the CLI: every model and model 0's evaluation are reused, model 1 is evaluated too (its own
+    # seed), the AutoAttack column becomes the mean; the report also goes to --results
     docs = tmp_path / "docs" / "results.md"
-    assert main(["reproduce", *TINY_FLAGS, "--out", str(out), "--results", str(docs)]) == 0
+    assert main(["reproduce", *TINY_FLAGS, "--autoattack-models", "2", "--out", str(out), "--results", str(docs)]) == 0
     again = json.loads((out / "summary.json").read_text())
     assert again["trained"] == {f: [] for f in folders}
     assert [r["lira_online"] for r in again["rows"]] == [r["lira_online"] for r in summary["rows"]]
     assert (out / "pgd-at" / "eval_model0.json").stat().st_mtime_ns == eval_mtime
+    second = json.loads((out / "pgd-at" / "eval_model1.json").read_text())
+    assert second["settings"]["model"] == 1
+    both = {r["slug"]: r for r in again["rows"]}["pgd-at"]["autoattack"]
+    assert both["models"] == 2 and both["values"][1] == second["autoattack_acc"]
+    assert both["mean"] == pytest.approx((both["values"][0] + both["values"][1]) / 2)
+    assert "AutoAttack: mean of models 0-1" in (out / "results.md").read_text()
+    assert "--autoattack-models 2" in again["command"] and again["autoattack_models"] == 2
     assert again["command"].startswith("demem reproduce --dataset digits --out")
     assert "## Reading" in docs.read_text() and all((docs.parent / png).exists() for png in PLOTS)
     capsys.readouterr()
+
+
+def test_autoattack_models_beyond_the_models_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["reproduce", *TINY_FLAGS, "--autoattack-models", "3", "--out", str(tmp_path / "x")]) == 2
+    assert "autoattack_models must be an integer in [1, 2]" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="autoattack_models"):
+        reproduce(tmp_path / "y", models=2, autoattack_models=0, log=_quiet)
 
 
 def test_unknown_configuration_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
