@@ -11,6 +11,8 @@ import json
 import sys
 from pathlib import Path
 
+from demem_ext.reproduce.report import evaluated_models, robust_accuracy
+
 # (relative TPR@1% reduction at least, and TPR@0.1% too?, accuracy cost at most in points) per family
 TARGETS = {"PGD-AT": (0.30, True, 1.0), "TRADES": (0.20, False, 1.5), "MART": (0.20, False, 1.5)}
 
@@ -80,15 +82,14 @@ AUTOATTACK = "autoattack"  # the AutoAttack accuracy: the mean over the evaluate
 
 
 def evaluated(rows: dict) -> str:
-    """Which models AutoAttack evaluated: "model 0" or "mean of models 0-N"."""
-    n = max(r.get("autoattack", {}).get("models", 1) for seed_rows in rows.values() for r in seed_rows.values())
-    return "model 0" if n == 1 else f"mean of models 0-{n - 1}"
+    """Which models AutoAttack evaluated: "model 0" or "mean of models 0-N" (as the report says)."""
+    return evaluated_models([r for seed_rows in rows.values() for r in seed_rows.values()])
 
 
 def get(row: dict, key: str) -> float:
-    """row[a][b] for key "a/b"; AUTOATTACK: the mean over the evaluated models (model 0 in older summaries)."""
+    """row[a][b] for key "a/b"; AUTOATTACK: the report's AutoAttack accuracy (the mean over the evaluated models)."""
     if key == AUTOATTACK:
-        return float(row.get("autoattack", {}).get("mean", row["model0"]["autoattack_acc"]))
+        return float(robust_accuracy(row))
     for part in key.split("/"):
         row = row[part]
     return float(row)
