@@ -9,7 +9,7 @@ from typing import Any, Optional
 
 PROXIES = ("loss", "trace")
 SELECTIONS = ("hard", "soft")
-THRESHOLDS = ("mean", "quantile", "fixed")
+THRESHOLDS = ("mean", "quantile", "fixed", "class")
 CLIP_SCOPES = ("all", "high_risk")
 # λ above this bound gives weights (and weighted losses) far outside any useful range, and, near the
 # float32 maximum, infinite ones; measured on digits, λ = 2 already diverges (docs/results.md).
@@ -37,7 +37,9 @@ class DeMemConfig:
         weights (gradient ascent on their loss, unbounded for cross-entropy): measured on digits,
         λ = 2 diverges (docs/results.md); a non-finite loss then stops training with NonFiniteError.
     proxy: "loss" (s_i = ℓ_i) or "trace" (per-sample EMA of the loss with decay trace_decay).
-    selection/threshold/k/quantile/tau/temperature: the risk rule r_i.
+    selection/threshold/k/quantile/tau/temperature: the risk rule r_i. threshold="class": τ per class,
+        τ_c = μ_c + k·σ_c from running per-class moments of the scores (decay class_decay per step);
+        the DeMem block needs the labels and num_classes.
     max_grad_norm: per-sample clipping bound C (None: no clipping).
     noise_multiplier: σ; noise std is σ·C (σ when C is None) before dividing by D.
     clip_scope: "all" or "high_risk" (clip only the high-risk samples).
@@ -53,6 +55,7 @@ class DeMemConfig:
     k: float = 1.0
     quantile: float = 0.8
     tau: float = 0.0
+    class_decay: float = 0.9
     temperature: float = 1.0
     max_grad_norm: Optional[float] = None
     noise_multiplier: float = 0.0
@@ -71,6 +74,8 @@ class DeMemConfig:
         if not 0.0 < _finite("quantile", self.quantile) < 1.0:
             raise ValueError(f"quantile must be in (0, 1), got {self.quantile!r}")
         _finite("tau", self.tau)
+        if not 0.0 <= _finite("class_decay", self.class_decay) < 1.0:
+            raise ValueError(f"class_decay must be in [0, 1), got {self.class_decay!r}")
         if _finite("temperature", self.temperature) <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
         if self.max_grad_norm is not None and _finite("max_grad_norm", self.max_grad_norm) <= 0:

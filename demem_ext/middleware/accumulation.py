@@ -13,7 +13,7 @@ from demem_ext.grad_sample import LossModule, check_loss_shape, flat_dtype
 from demem_ext.middleware.noise import NoiseSource
 from demem_ext.middleware.nonfinite import NonFinitePolicy
 from demem_ext.middleware.process_group import ProcessGroup
-from demem_ext.middleware.trace import LossTrace
+from demem_ext.middleware.risk_scores import RiskScores
 from demem_ext.ops import FusedResult, NonFiniteError, fused_step
 from demem_ext.ops.rule import accumulation_dtype
 
@@ -40,49 +40,53 @@ class BatchSum(NamedTuple):
     parts: list[FusedResult]  # one per chunk with kept samples
     keep: torch.Tensor  # bool [B]
     losses: torch.Tensor  # [B], detached
+    labels: Optional[torch.Tensor]  # [B] classes (threshold="class")
 
 
 class BatchSummer:
     """Σ w_i·c_i·g_i of one batch by the fused op (noise and the division by D wait for the step)."""
 
-    def __init__(self, config: DeMemConfig, trace: LossTrace, policy: NonFinitePolicy,
+    def __init__(self, config: DeMemConfig, risk_scores: RiskScores, policy: NonFinitePolicy,
                  group: ProcessGroup) -> None:
         self.sum_config = config.replace(noise_multiplier=0.0, expected_batch_size=1)
-        self.trace, self.policy, self.group = trace, policy, group
+        self.risk_scores, self.policy, self.group = risk_scores, policy, group
 
-    def _batch_rule(self, losses: torch.Tensor, idx: Optional[torch.Tensor],
+    def _batch_rule(self, losses: torch.Tensor, idx: Optional[torch.Tensor], labels: Optional[torch.Tensor],
                     fix_tau: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, DeMemConfig]:
         """The samples kept (finite losses), their positions, their scores and the rule to sum them with."""
         problem = "loss_fn returned non-finite losses"
         keep = self.group.finite(self.policy, torch.isfinite(losses), problem)
         positions = keep.nonzero().flatten()
-        scores = self.trace.scores(losses[keep], None if idx is None else idx[positions.cpu()])
-        config, _ = self.group.rule_for(self.sum_config, scores, keep, problem, self.policy, fix_tau)
+        scores, config = self.risk_scores.scores(
+            losses[keep], None if idx is None else idx[positions.cpu()],
+            None if labels is None else labels[positions.to(labels.device)], self.sum_config, self.group)
+        config, _ = self.group.rule_for(config, scores, keep, problem, self.policy, fix_tau)
         return keep, positions, scores, config
 
     def one_chunk(self, grads_of: GradsOf, batch: Sequence[torch.Tensor],
-                  idx: Optional[torch.Tensor]) -> BatchSum:
+                  idx: Optional[torch.Tensor], labels: Optional[torch.Tensor]) -> BatchSum:
         """The batch in one chunk: scores are the per-sample losses from grad_and_value; rows with
         non-finite gradients leave the sum (on one process, before τ: the fused op finds it)."""
         grads, losses = grads_of(batch)
-        keep, positions, scores, config = self._batch_rule(losses, idx, fix_tau=False)
+        keep, positions, scores, config = self._batch_rule(losses, idx, labels, fix_tau=False)
         if positions.numel() == 0:
-            return BatchSum(None, [], keep, losses)
+            return BatchSum(None, [], keep, losses, labels)
         result, ok = self._sum_finite_rows(grads if bool(keep.all()) else grads[keep], scores, config, positions)
         keep[positions[~ok]] = False
-        return BatchSum(None if result is None else result.grad, [] if result is None else [result], keep, losses)
+        return BatchSum(None if result is None else result.grad, [] if result is None else [result], keep, losses,
+                        labels)
 
     def chunks(self, loss_module: LossModule, grads_of: GradsOf, batch: Sequence[torch.Tensor],
-               idx: Optional[torch.Tensor], rows: int) -> BatchSum:
+               idx: Optional[torch.Tensor], labels: Optional[torch.Tensor], rows: int) -> BatchSum:
         """Several chunks: the batch-level threshold comes from one batched forward, then each chunk
         is summed with threshold "fixed" at that τ, which gives every sample its batch-level risk."""
         with torch.no_grad():
             losses = loss_module(*batch)
         check_loss_shape(losses, batch[0].shape[0])
         losses = losses.detach()
-        keep, positions, scores, chunk_config = self._batch_rule(losses, idx, fix_tau=True)
+        keep, positions, scores, chunk_config = self._batch_rule(losses, idx, labels, fix_tau=True)
         if positions.numel() == 0:
-            return BatchSum(None, [], keep, losses)
+            return BatchSum(None, [], keep, losses, labels)
         total, parts = None, []
         for start in range(0, positions.numel(), rows):
             pos = positions[start:start + rows]
@@ -92,7 +96,7 @@ class BatchSummer:
             if result is not None:
                 total = result.grad if total is None else total.add_(result.grad)  # the op's fresh output
                 parts.append(result)
-        return BatchSum(total, parts, keep, losses)
+        return BatchSum(total, parts, keep, losses, labels)
 
     def _sum_finite_rows(self, grads: torch.Tensor, scores: torch.Tensor, config: DeMemConfig,
                          positions: torch.Tensor) -> tuple[Optional[FusedResult], torch.Tensor]:
@@ -132,14 +136,15 @@ class PendingSum:
                                "optimizer.step(): use one path per step")
 
     def add(self, batch_sum: BatchSum, params: list[nn.Parameter], idx: Optional[torch.Tensor],
-            trace: LossTrace, group: ProcessGroup) -> None:
-        """Add one backward call's sum, and commit its samples to the loss trace."""
-        total, _, keep, losses = batch_sum
+            risk_scores: RiskScores, group: ProcessGroup) -> None:
+        """Add one backward call's sum, and commit its samples to the loss trace and the class moments."""
+        total, _, keep, losses, labels = batch_sum
         if total is not None:
             self.total = total if self.total is None else self.total.add_(total)
             self.count += int(keep.sum())
         if total is not None or group.collective:  # under torch.distributed every rank takes part
-            trace.commit(losses[keep], None if idx is None else idx[keep.cpu()], group)
+            risk_scores.commit(losses[keep], None if idx is None else idx[keep.cpu()],
+                               None if labels is None else labels[keep.to(labels.device)], group)
         self.add_empty(params)
 
     def add_empty(self, params: list[nn.Parameter]) -> None:

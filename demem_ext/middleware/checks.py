@@ -14,7 +14,7 @@ from demem_ext.sampling import Sampling
 from demem_ext.ops.functional import MAX_OFFSET
 
 ENGINES = ("torch.func", "opacus")
-STATE_KEYS = ("trace", "visited", "seed", "offset", "steps", "noisy_batch_sizes")
+STATE_KEYS = ("trace", "visited", "class_moments", "seed", "offset", "steps", "noisy_batch_sizes")
 
 
 def positive_int(name: str, value: Any) -> None:
@@ -119,6 +119,34 @@ def block_options(config: DeMemConfig, num_samples: Any, seed: Any, secure_noise
             raise ValueError(f"seed must be an int in [0, 2**64) or None, got {seed!r}")
 
 
+def class_count(config: DeMemConfig, num_classes: Any) -> None:
+    """num_classes of DeMem: a positive int, required by threshold="class"."""
+    if num_classes is not None:
+        positive_int("num_classes", num_classes)
+    elif config.threshold == "class":
+        raise ValueError("threshold='class' needs num_classes (the number of classes) to hold the per-class moments")
+
+
+def class_labels(labels: Any, batch_size: int, config: DeMemConfig, num_classes: Optional[int],
+                 device: torch.device) -> Optional[torch.Tensor]:
+    """Validated `labels` as an int64 tensor on `device` with threshold="class" (required there), else None."""
+    if config.threshold != "class":
+        return None
+    if labels is None:
+        raise ValueError("labels ([B] class indices) are required with threshold='class'")
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be an integer torch.Tensor, got {type(labels).__name__}")
+    if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
+        raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
+    if labels.shape != (batch_size,):
+        raise ValueError(f"labels must have shape ({batch_size},), got {tuple(labels.shape)}")
+    out = labels.detach().to(device, torch.int64)
+    if out.numel() and (int(out.min()) < 0 or int(out.max()) >= num_classes):
+        raise ValueError(f"labels must be in [0, num_classes={num_classes}), got values in "
+                         f"[{int(out.min())}, {int(out.max())}]")
+    return out
+
+
 def losses_for_backward(losses: Any) -> torch.Tensor:
     """per_sample_losses of `dm.backward`: a 1-D floating tensor that requires grad (or an empty batch)."""
     if not isinstance(losses, torch.Tensor):
@@ -210,12 +238,12 @@ def dataset_indices(indices: Any, batch_size: int, config: DeMemConfig,
     return idx
 
 
-def block_state(state: Any, trace: torch.Tensor, visited: torch.Tensor) -> None:
+def block_state(state: Any, trace: torch.Tensor, visited: torch.Tensor, class_moments: torch.Tensor) -> None:
     """What `DeMem.state_dict` returned: its keys, tensor shapes and dtypes, and non-negative ints."""
     if not isinstance(state, dict) or set(state) != set(STATE_KEYS):
         keys = sorted(state) if isinstance(state, dict) else type(state).__name__
         raise ValueError(f"state must be a dict with keys {list(STATE_KEYS)}, got {keys}")
-    for name, like in (("trace", trace), ("visited", visited)):
+    for name, like in (("trace", trace), ("visited", visited), ("class_moments", class_moments)):
         value = state[name]
         if not isinstance(value, torch.Tensor) or value.shape != like.shape or value.dtype != like.dtype:
             raise ValueError(f"state['{name}'] must be a {like.dtype} tensor of shape {tuple(like.shape)}")

@@ -9,8 +9,8 @@ Two paths lead to the wrapped `optimizer.step()`:
   accumulated until the step, which adds the noise once, divides by D and writes the result into the
   parameters' `.grad` before calling the optimizer's own step.
 
-This class is a facade: the parts are the weighting path (`weighting`), the loss trace (`trace`), the
-noise (`noise`), the per-sample sums (`accumulation`), the non-finite policy (`nonfinite`), the statistics
+This class is a facade: the parts are the weighting path (`weighting`), the risk scores (`risk_scores`: the
+loss trace and the class thresholds), the noise (`noise`), the per-sample sums (`accumulation`), the non-finite policy (`nonfinite`), the statistics
 (`stats`), the argument checks (`checks`), the step patch (`step_patch`) and the process group
 (`process_group`: one process, or torch.distributed).
 """
@@ -34,7 +34,7 @@ from demem_ext.middleware.nonfinite import NonFinitePolicy
 from demem_ext.middleware.process_group import ProcessGroup, SingleProcess, current_group
 from demem_ext.middleware.stats import DeMemStats, StatsRecorder
 from demem_ext.middleware.step_patch import StepPatch
-from demem_ext.middleware.trace import LossTrace
+from demem_ext.middleware.risk_scores import RiskScores
 from demem_ext.middleware.weighting import WeightingPath
 from demem_ext.ops import NonFiniteError
 from demem_ext.sampling import PoissonBatchSampler, Sampling
@@ -45,6 +45,7 @@ class DeMem:
 
     config: a DeMemConfig (default DeMemConfig()); **overrides: DeMemConfig fields to change.
     num_samples: dataset size (needed by proxy="trace" and by `privacy_spent`).
+    num_classes: number of classes (needed by threshold="class"; the backward calls then take `labels`).
     sampling: how the batches are drawn — "shuffle" (fixed-size shuffled batches, an ordinary DataLoader:
     `privacy_spent` reports no ε), "poisson" (each sample in each batch with probability
     q = expected_batch_size / num_samples; both must be set), or the `PoissonBatchSampler` itself (q, N
@@ -73,7 +74,8 @@ class DeMem:
       0's seed; with secure_noise rank 0 draws it and broadcasts it), divides by D and writes the
       same `.grad` (DDP's own all-reduce never runs on this path);
     - proxy="trace": `indices` are global dataset indices (DistributedSampler); every rank's trace
-      gets every rank's losses, so all traces equal the single-process one;
+      gets every rank's losses, so all traces equal the single-process one; likewise the class moments
+      of threshold="class";
     - `privacy_spent` counts the global noisy batch sizes; `stats` describe this rank's samples.
 
     A non-finite sample with nonfinite="error" stops every rank with a NonFiniteError, at the backward
@@ -82,24 +84,26 @@ class DeMem:
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, config: Optional[DeMemConfig] = None,
-                 num_samples: Optional[int] = None, *, sampling: Union[str, PoissonBatchSampler] = "shuffle",
+                 num_samples: Optional[int] = None, *, num_classes: Optional[int] = None, sampling: Union[str, PoissonBatchSampler] = "shuffle",
                  seed: Optional[int] = None, secure_noise: bool = False, nonfinite: str = "error",
                  chunk_size: Optional[int] = None, engine: str = "torch.func", **overrides: Any) -> None:
         config = checks.block_config(model, optimizer, config, overrides)
         self.sampling = Sampling.of(sampling)
         config, num_samples = checks.sampling_options(config, num_samples, self.sampling)
         checks.block_options(config, num_samples, seed, secure_noise, nonfinite, chunk_size, engine)
+        checks.class_count(config, num_classes)
         self.model = model
         self._module = collectives.unwrap(model)  # per-sample gradients never go through DDP's forward
         self.optimizer = optimizer
         self.config = config
         self.num_samples = num_samples
+        self.num_classes = num_classes
         self.secure_noise = secure_noise
         self.nonfinite = nonfinite
         self.chunk_size = chunk_size
         self.engine = engine
         self._opacus: Optional[OpacusEngine] = None  # the hooks, while the block is active
-        self._trace = LossTrace(config, num_samples)
+        self._risk_scores = RiskScores(config, num_samples, num_classes)
         self._noise = NoiseSource(seed, secure_noise)
         self._policy = NonFinitePolicy(nonfinite)
         self._group: ProcessGroup = SingleProcess()  # set when entering the block
@@ -107,7 +111,7 @@ class DeMem:
         self._recorder = StatsRecorder(config)
         self._patch = StepPatch(optimizer)
         self._flat = FlatBuffer()  # flattened per-sample gradients, reused (released on exit)
-        self._weighting = WeightingPath(config, self._module, self._trace, self._policy, self._pending,
+        self._weighting = WeightingPath(config, self._module, self._risk_scores, self._policy, self._pending,
                                         self._recorder)
         self._steps = 0
         self._noisy_batch_sizes: list[int] = []
@@ -120,7 +124,7 @@ class DeMem:
         self._patch.check_free()
         self._group = current_group()
         options = {"nonfinite": self.nonfinite, "secure_noise": self.secure_noise, "num_samples": self.num_samples,
-                   "sampling": self.sampling.kind}
+                   "num_classes": self.num_classes, "sampling": self.sampling.kind}
         self._noise.seed = self._group.join(self.model, self.config, options, self._noise.seed, self.secure_noise)
         if self.engine == "opacus":
             if self._group.collective:
@@ -156,7 +160,7 @@ class DeMem:
         return self._recorder.stats
 
     def backward(self, per_sample_losses: torch.Tensor, indices: Optional[torch.Tensor] = None,
-                 scores: Optional[torch.Tensor] = None) -> None:
+                 scores: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None) -> None:
         """Backward of (1/D)·Σ_i w_i·ℓ_i for per-sample losses [B] (D = expected_batch_size or B).
 
         An ordinary `loss.backward()`: gradients accumulate into `.grad` as usual. Several calls before
@@ -168,7 +172,8 @@ class DeMem:
         Opacus's per-sample gradients of these losses. `indices` ([B] dataset indices) are required
         with proxy="trace". `scores` ([B], weighting path only): what the risk rule reads instead of the
         losses, e.g. the cross-entropy part of a TRADES/MART loss (the proxy, such as the trace, applies
-        to them). An empty batch changes nothing.
+        to them). `labels` ([B] classes in [0, num_classes)) are required with threshold="class" and
+        ignored otherwise. An empty batch changes nothing.
         """
         self._check_active("backward")
         per_sample = self.config.needs_per_sample_grads
@@ -180,6 +185,7 @@ class DeMem:
         losses = checks.losses_for_backward(per_sample_losses)
         scores = checks.risk_scores(scores, losses)
         idx = checks.dataset_indices(indices, losses.shape[0], self.config, self.num_samples)
+        labels = checks.class_labels(labels, losses.shape[0], self.config, self.num_classes, losses.device)
         if per_sample and scores is not None:
             raise ValueError("scores are only supported on the weighting path (no clipping or noise)")
         if per_sample:
@@ -189,12 +195,13 @@ class DeMem:
                 return
             grads = self._opacus.per_sample_grads(losses, params, flat_dtype(params), self._flat)
             summer = self._summer()
-            self._add(summer.one_chunk(lambda _: (grads, losses.detach()), (), idx), params, idx, losses.shape[0])
+            self._add(summer.one_chunk(lambda _: (grads, losses.detach()), (), idx, labels), params, idx,
+                      losses.shape[0])
         else:
-            self._weighting.backward(losses, idx, self._group, self._steps, scores)
+            self._weighting.backward(losses, idx, self._group, self._steps, scores, labels)
 
     def weighted_loss(self, per_sample_losses: torch.Tensor, indices: Optional[torch.Tensor] = None,
-                      scores: Optional[torch.Tensor] = None) -> torch.Tensor:
+                      scores: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The weighting path's scalar loss (1/D)·Σ_i w_i·ℓ_i, for a loop that calls backward itself
         (Lightning's automatic optimization, `accelerator.backward`, AMP's `scaler.scale(loss).backward()`).
 
@@ -209,20 +216,22 @@ class DeMem:
         losses = checks.losses_for_backward(per_sample_losses)
         scores = checks.risk_scores(scores, losses)
         idx = checks.dataset_indices(indices, losses.shape[0], self.config, self.num_samples)
-        return self._weighting.loss(losses, idx, self._group, self._steps, scores)
+        labels = checks.class_labels(labels, losses.shape[0], self.config, self.num_classes, losses.device)
+        return self._weighting.loss(losses, idx, self._group, self._steps, scores, labels)
 
     def backward_per_sample(self, loss_fn: Callable[..., torch.Tensor], *batch: torch.Tensor,
-                            indices: Optional[torch.Tensor] = None) -> None:
+                            indices: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None) -> None:
         """Accumulate Σ_i w_i·c_i·g_i over the batch for the next optimizer step (clipping/noise path).
 
-        loss_fn(model, *batch) -> per-sample losses [B]; each batch tensor has B rows.
+        loss_fn(model, *batch) -> per-sample losses [B]; each batch tensor has B rows. `labels`: as in `backward`.
         `.grad` is left alone until the step, which adds noise, divides by D and replaces `.grad`.
         An empty batch (B = 0, e.g. from PoissonBatchSampler) makes the step a noise-only step.
         Inside `optimizer.step(closure)` (LBFGS) each closure evaluation's sum becomes `.grad` when
         the closure returns. With nonfinite="skip", samples with non-finite losses are dropped before the threshold; so
         are samples with non-finite gradients when the batch fits in one chunk of one process (with
         several chunks or under torch.distributed the batch threshold is fixed first, and such samples
-        are only dropped from the sum).
+        are only dropped from the sum; with threshold="class" they always count in the batch's class
+        thresholds, but not in the moments kept for later batches).
         """
         self._check_active("backward_per_sample")
         self._pending.check_path("per_sample")
@@ -232,6 +241,7 @@ class DeMem:
         params = [p for _, p in named]
         batch_size = checks.batch_size_of(batch, params[0].device)
         idx = checks.dataset_indices(indices, batch_size, self.config, self.num_samples)
+        labels = checks.class_labels(labels, batch_size, self.config, self.num_classes, params[0].device)
         checks.no_batchnorm_in_train_mode(self._module)
         if batch_size == 0:
             self._add_empty(params)
@@ -253,9 +263,9 @@ class DeMem:
         rows = self.chunk_size or default_chunk_rows(batch_size, numel * dtype.itemsize)
         summer = self._summer()
         if batch_size <= rows:
-            batch_sum = summer.one_chunk(grads_of, batch, idx)
+            batch_sum = summer.one_chunk(grads_of, batch, idx, labels)
         else:
-            batch_sum = summer.chunks(loss_module, grads_of, batch, idx, rows)
+            batch_sum = summer.chunks(loss_module, grads_of, batch, idx, labels, rows)
         self._add(batch_sum, params, idx, batch_size)
 
     def privacy_spent(self, delta: float, accountant: str = "rdp") -> tuple[Optional[float], str]:
@@ -264,10 +274,12 @@ class DeMem:
                                         self.secure_noise, self.sampling)
 
     def state_dict(self) -> dict[str, Any]:
-        """Loss trace, noise seed/offset, step counter and accounting history (tensors and ints)."""
+        """Loss trace, class moments, noise seed/offset, step counter and accounting history (tensors and ints)."""
+        trace = self._risk_scores.trace
         return {
-            "trace": self._trace.values.clone(),
-            "visited": self._trace.visited.clone(),
+            "trace": trace.values.clone(),
+            "visited": trace.visited.clone(),
+            "class_moments": self._risk_scores.classes.moments.clone(),
             "seed": self._noise.seed,
             "offset": self._noise.offset,
             "steps": self._steps,
@@ -275,12 +287,16 @@ class DeMem:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what `state_dict` returned (validated; nothing changes on error)."""
+        """Restore what `state_dict` returned (validated; nothing changes on error). A state without
+        "class_moments" (written before threshold="class" existed) loads where the rule keeps none."""
         if self._pending.path is not None:
             raise RuntimeError("cannot load a state while gradients are pending: call optimizer.step() first")
-        checks.block_state(state, self._trace.values, self._trace.visited)
-        self._trace.values = state["trace"].clone()
-        self._trace.visited = state["visited"].clone()
+        trace, classes = self._risk_scores.trace, self._risk_scores.classes
+        state = {"class_moments": torch.zeros(0, 3, dtype=torch.float64), **state} if isinstance(state, dict) else state
+        checks.block_state(state, trace.values, trace.visited, classes.moments)
+        trace.values = state["trace"].clone()
+        trace.visited = state["visited"].clone()
+        classes.moments = state["class_moments"].clone()
         self._noise.seed, self._noise.offset, self._steps = state["seed"], state["offset"], state["steps"]
         self._noisy_batch_sizes = [int(b) for b in state["noisy_batch_sizes"]]
 
@@ -345,12 +361,12 @@ class DeMem:
         self._recorder.record(empty, empty, empty, 0, self._steps)
 
     def _summer(self) -> BatchSummer:
-        return BatchSummer(self.config, self._trace, self._policy, self._group)
+        return BatchSummer(self.config, self._risk_scores, self._policy, self._group)
 
     def _add(self, batch_sum: BatchSum, params: list[nn.Parameter], idx: Optional[torch.Tensor],
              batch_size: int) -> None:
         """Add one backward call's Σ w_i·c_i·g_i to the pending sum; stats."""
-        self._pending.add(batch_sum, params, idx, self._trace, self._group)
+        self._pending.add(batch_sum, params, idx, self._risk_scores, self._group)
         parts, keep = batch_sum.parts, batch_sum.keep
         empty = batch_sum.losses.new_zeros(0)
         self._recorder.record(torch.cat([r.weights for r in parts]) if parts else empty,

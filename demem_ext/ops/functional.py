@@ -55,6 +55,10 @@ def _check_seed_offset(seed: int, offset: int) -> None:
 
 
 def _rule(config: DeMemConfig) -> tuple:
+    if config.threshold == "class":
+        raise ValueError("threshold='class' needs the labels and the running per-class moments that a DeMem block "
+                         "holds (DeMem(..., num_classes=C), labels=y); with the functional ops pass the margins "
+                         "s_i - tau_{y_i} as scores with threshold='fixed', tau=0")
     return (config.lam, config.selection, config.threshold, config.k, config.quantile, config.tau,
             config.temperature)
 

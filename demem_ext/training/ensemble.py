@@ -250,8 +250,9 @@ def _step(forward: StackedForward, ready: list[tuple[_Member, tuple[Tensor, Tens
         losses, logits = objective.loss_and_logits(forward, x, x_adv, y)
     losses = losses.float().view(len(members), width)
     own = [losses[i, :n] for i, n in enumerate(sizes)]
-    total = sum(m.state.demem.weighted_loss(loss, indices=idx) if m.state.demem is not None else loss.mean()
-                for m, loss, idx in zip(members, own, idxs))
+    own_labels = [y.view(len(members), width)[i, :n] for i, n in enumerate(sizes)]
+    total = sum(m.state.demem.weighted_loss(loss, indices=idx, labels=labels) if m.state.demem is not None
+                else loss.mean() for m, loss, idx, labels in zip(members, own, idxs, own_labels))
     total.backward()
     if state.loss_record is not None:
         _record_losses(forward, members, x, y, own, idxs, width)

@@ -169,7 +169,7 @@ def build(cfg: TrainConfig, train_subset: Optional[torch.Tensor] = None) -> Trai
     if cfg.use_demem:
         sampler = cfg.sampler(len(train_set))
         demem = DeMem(train_model, optimizer, cfg.demem_config(), num_samples=len(train_set),
-                      sampling=sampler if sampler is not None else "shuffle",
+                      num_classes=info.num_classes, sampling=sampler if sampler is not None else "shuffle",
                       seed=cfg.seed, nonfinite=cfg.nonfinite, chunk_size=cfg.chunk_size)
     if cfg.record_losses and world > 1:
         raise ValueError("record_losses is not supported under torchrun")
@@ -206,7 +206,7 @@ def _train_batch(state: TrainState, x: torch.Tensor, y: torch.Tensor, idx: torch
         if dm is not None and state.config.per_sample():
             state.optimizer.zero_grad(set_to_none=True)
             with state.autocast():
-                dm.backward_per_sample(objective.per_sample_loss, x, x, y, indices=idx)
+                dm.backward_per_sample(objective.per_sample_loss, x, x, y, indices=idx, labels=y)
             state.optimizer.step()
         return {"loss": 0.0, "correct": 0.0, "count": 0.0}
     with state.autocast():
@@ -218,7 +218,7 @@ def _train_batch(state: TrainState, x: torch.Tensor, y: torch.Tensor, idx: torch
             return objective.per_sample_loss(m, xb, xab, yb)
 
         with state.autocast():
-            dm.backward_per_sample(loss_fn, x, x_adv, y, indices=idx)
+            dm.backward_per_sample(loss_fn, x, x_adv, y, indices=idx, labels=y)
         with torch.no_grad(), state.autocast():  # the logged loss and accuracy (per-sample gradients give no logits)
             losses, logits = objective.loss_and_logits(model, x, x_adv, y)
     else:
@@ -226,7 +226,7 @@ def _train_batch(state: TrainState, x: torch.Tensor, y: torch.Tensor, idx: torch
             losses, logits, cross_entropy = objective.terms(train_model, x, x_adv, y)
         losses = losses.float()
         if dm is not None:
-            dm.backward(losses, indices=idx, scores=_risk_scores(state, x, y, losses, cross_entropy))
+            dm.backward(losses, indices=idx, scores=_risk_scores(state, x, y, losses, cross_entropy), labels=y)
         else:
             losses.mean().backward()
     if state.loss_record is not None:

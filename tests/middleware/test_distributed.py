@@ -87,19 +87,19 @@ def _train(demem: dict, path: str, split: str, rank: Optional[int] = None,
     x, y = _data()
     ok = _ok(bad)
     seed = None if demem.get("secure_noise") else 1234
-    with dx.DeMem(trained, optimizer, num_samples=DATASET, seed=seed, **demem) as dm:
+    with dx.DeMem(trained, optimizer, num_samples=DATASET, num_classes=CLASSES, seed=seed, **demem) as dm:
         for step, batch in enumerate(_batches()):
             idx = batch if rank is None else batch[_share(step, rank, split)]
             optimizer.zero_grad(set_to_none=True)
             if path == "weighting":
-                dm.backward(_loss_fn(trained, x[idx], y[idx], ok[idx]), indices=idx)
+                dm.backward(_loss_fn(trained, x[idx], y[idx], ok[idx]), indices=idx, labels=y[idx])
             else:
                 loss_fn = _bad_gradient_loss_fn if bad == "grad" else _loss_fn
-                dm.backward_per_sample(loss_fn, x[idx], y[idx], ok[idx], indices=idx)
+                dm.backward_per_sample(loss_fn, x[idx], y[idx], ok[idx], indices=idx, labels=y[idx])
             optimizer.step()
     state = dm.state_dict()
     return {"params": [p.detach().clone() for p in model.parameters()], "trace": state["trace"],
-            "noisy_batch_sizes": state["noisy_batch_sizes"], "steps": state["steps"]}
+            "class_moments": state["class_moments"], "noisy_batch_sizes": state["noisy_batch_sizes"], "steps": state["steps"]}
 
 
 # ---------------------------------------------------------------------------------------- spawning
@@ -199,6 +199,7 @@ SCENARIOS: dict[str, Callable[..., Any]] = {
     "nonfinite_grad": _nonfinite_grad_scenario, "batch_size": _batch_size_scenario}
 PER_SAMPLE = {"lam": 0.8, "threshold": "quantile", "quantile": 0.6, "max_grad_norm": 0.5, "noise_multiplier": 0.7}
 TRACE = {"lam": 1.0, "proxy": "trace", "trace_decay": 0.5, "threshold": "mean", "k": 0.0}
+CLASS = {"lam": 0.8, "threshold": "class", "class_decay": 0.5, "k": 0.0}
 CASES: dict[str, tuple[str, dict]] = {  # all run in one pair of processes (starting them costs seconds)
     "weighting-mean": ("train", {"demem": {"lam": 0.8, "threshold": "mean", "k": 0.5}, "path": "weighting",
                                  "split": "even"}),
@@ -214,6 +215,9 @@ CASES: dict[str, tuple[str, dict]] = {  # all run in one pair of processes (star
                                               "secure_noise": True}, "path": "per_sample", "split": "uneven"}),
     "trace-weighting": ("train", {"demem": TRACE, "path": "weighting", "split": "shifting"}),
     "trace-per_sample": ("train", {"demem": TRACE, "path": "per_sample", "split": "shifting"}),
+    "class-weighting": ("train", {"demem": CLASS, "path": "weighting", "split": "shifting"}),
+    "class-per_sample-chunked": ("train", {"demem": {**CLASS, "max_grad_norm": 0.5, "chunk_size": 2},
+                                           "path": "per_sample", "split": "shifting"}),
     "skip-weighting": ("train", {"demem": {"lam": 0.8, "nonfinite": "skip"}, "path": "weighting",
                                  "split": "shifting", "bad": "loss"}),
     "skip-per_sample": ("train", {"demem": {**PER_SAMPLE, "nonfinite": "skip"}, "path": "per_sample",
@@ -285,6 +289,7 @@ def _assert_same_as_one_process(ranks: dict[str, list[Any]], case: str) -> list[
         for got, want in zip(result["params"], single["params"]):
             torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, msg=f"rank {r} parameters")
         torch.testing.assert_close(result["trace"], single["trace"], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(result["class_moments"], single["class_moments"], rtol=1e-10, atol=1e-12)
         assert torch.equal(result["noisy_batch_sizes"], single["noisy_batch_sizes"])
         assert result["steps"] == single["steps"] == STEPS
     _assert_ranks_agree(results)
@@ -313,6 +318,13 @@ def test_secure_noise_is_the_same_on_every_rank(ranks: dict) -> None:
     _assert_ranks_agree(results)
     single = _train({"lam": 0.5, "max_grad_norm": 0.5, "noise_multiplier": 1.0}, "per_sample", "all")
     assert not torch.allclose(results[0]["params"][0], single["params"][0])  # the OS seed, not 1234
+
+
+@pytest.mark.parametrize("case", ["class-weighting", "class-per_sample-chunked"])
+def test_class_threshold_equals_one_process(ranks: dict, case: str) -> None:
+    """The class moments gather every rank's scores: τ_c, the update and the moments equal one process's."""
+    results = _assert_same_as_one_process(ranks, case)
+    assert int(results[0]["class_moments"][:, 0].gt(0).sum()) == CLASSES
 
 
 @pytest.mark.parametrize("case", ["trace-weighting", "trace-per_sample"])
