@@ -30,8 +30,8 @@ def dp_guarantee(config: DeMemConfig) -> tuple[bool, str]:
     if config.lam > 2:
         return False, f"lam = {config.lam} > 2 allows |w_i| = |1 - lam*r_i| > 1, so ||w_i c_i g_i|| can exceed C"
     if config.lam > 0 and config.threshold != "fixed":
-        return False, (f"threshold='{config.threshold}' is batch-relative: one sample's weight depends "
-                       "on the other samples, so ε is not guaranteed (use lam=0 or threshold='fixed')")
+        return False, (f"threshold='{config.threshold}' is batch-relative (or class-relative): one sample's weight "
+                       "depends on the other samples, so ε is not guaranteed (use lam=0 or threshold='fixed')")
     if config.lam > 0 and config.proxy != "loss":
         return False, (f"proxy='{config.proxy}' is not covered: the weight must depend only on the "
                        "sample's current loss (use proxy='loss' or lam=0)")

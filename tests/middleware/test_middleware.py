@@ -663,10 +663,10 @@ def test_state_dict_round_trip(tmp_path):
 def _noisy_run(cfg: DeMemConfig, steps: int = 2, num_samples=100, sampling="poisson"):
     model, (x, y) = make_model(), make_data()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with dx.DeMem(model, opt, cfg, num_samples=num_samples, seed=0, sampling=sampling) as dm:
+    with dx.DeMem(model, opt, cfg, num_samples=num_samples, num_classes=3, seed=0, sampling=sampling) as dm:
         assert dm.privacy_spent(1e-5)[0] in (0.0, None)
         for _ in range(steps):
-            dm.backward_per_sample(loss_fn, x, y)
+            dm.backward_per_sample(loss_fn, x, y, labels=y)
             opt.step()
     return dm
 
@@ -685,6 +685,7 @@ def test_privacy_spent_valid(overrides, sampling):
 
 @pytest.mark.parametrize("overrides, why", [
     (dict(lam=0.5), "batch-relative"),
+    (dict(lam=0.5, threshold="class"), "class-relative"),
     (dict(lam=0.5, threshold="quantile"), "batch-relative"),
     (dict(clip_scope="high_risk", lam=0.0), "high_risk"),
     (dict(noise_multiplier=0.0, lam=0.0), "noise"),
