@@ -134,9 +134,9 @@ def test_demem_score_cross_entropy_is_the_loss_for_pgd_at_and_the_ce_part_for_tr
     seen = []
     real_backward = DeMem.backward
 
-    def spy(self, losses, indices=None, scores=None):
+    def spy(self, losses, indices=None, scores=None, labels=None):
         seen.append((losses.detach().clone(), None if scores is None else scores.clone()))
-        return real_backward(self, losses, indices=indices, scores=scores)
+        return real_backward(self, losses, indices=indices, scores=scores, labels=labels)
 
     monkeypatch.setattr(DeMem, "backward", spy)
     train(TrainConfig(**tiny, at="trades", beta=6.0, demem_score="cross_entropy"), tmp_path / "trades",
