@@ -76,6 +76,8 @@ VARIANTS: tuple[tuple[str, str, str, dict[str, Any]], ...] = (  # slug, family, 
     ("trades-demem-l0.75", "TRADES", "λ = 0.75", {"lam": 0.75}),
     ("pgd-demem-l0.75-class", "PGD-AT", "λ = 0.75, class-relative τ_c = μ_c + 1·σ_c, decay 0.9",
      {"lam": 0.75, "threshold": "class"}),
+    ("pgd-demem-l0.5-class", "PGD-AT", "λ = 0.5, class-relative τ_c = μ_c + 1·σ_c, decay 0.9",
+     {"lam": 0.5, "threshold": "class"}),
 )
 
 

@@ -1,19 +1,24 @@
 """The class-threshold rule of docs/audit.md ("The class-relative threshold") applied to tuning runs.
 
-usage: python docs/audit/class_rule.py SEED:RUN_DIR [SEED:RUN_DIR ...]
-Each RUN_DIR is a `demem reproduce --configs pgd-at,pgd-demem-l0.75,pgd-demem-l0.75-class --keep-seed SEED`
-folder (summary.json): both DeMem rows are paired with PGD-AT of the same run.
+usage: python docs/audit/class_rule.py [--candidate SLUG] SEED:RUN_DIR [SEED:RUN_DIR ...]
+Each RUN_DIR is a `demem reproduce --configs pgd-at,pgd-demem-l0.75,SLUG --keep-seed SEED` folder (summary.json):
+both DeMem rows are paired with PGD-AT of the same run. SLUG: pgd-demem-l0.75-class (default) or
+pgd-demem-l0.5-class (the follow-up rule).
 """
 import json
 import sys
 
 import numpy as np
 
-BASE, CURRENT, CANDIDATE = "pgd-at", "pgd-demem-l0.75", "pgd-demem-l0.75-class"
+BASE, CURRENT = "pgd-at", "pgd-demem-l0.75"
+args = sys.argv[1:]
+CANDIDATE = "pgd-demem-l0.75-class"
+if args[:1] == ["--candidate"]:
+    CANDIDATE, args = args[1], args[2:]
 changes: dict[str, list[dict]] = {}
-print("| seed | PGD-AT: natural / PGD-20 / TPR@0.1% / TPR@1% | mean threshold (λ 0.75) | class threshold (λ 0.75) |")
+print("| seed | PGD-AT: natural / PGD-20 / TPR@0.1% / TPR@1% | mean threshold (λ 0.75) | candidate |")
 print("|---|---|---|---|")
-for arg in sys.argv[1:]:
+for arg in args:
     seed, folder = arg.split(":", 1)
     rows = {r["slug"]: r for r in json.load(open(f"{folder}/summary.json"))["rows"] if r["status"] == "ok"}
     b = rows[BASE]
@@ -39,7 +44,8 @@ for slug in (CURRENT, CANDIDATE):
     nat, pgd = np.mean([r["nat"] for r in rs]), np.mean([r["pgd"] for r in rs])
     ok = nat <= 1.0 and pgd <= 3.0
     means[slug] = (m1, ok)
-    print(f"| {slug} | {','.join(r['seed'] for r in rs)} | {', '.join(f'{100 * r['rel1']:+.1f}%' for r in rs)} | "
+    per_seed = ", ".join(f"{100 * r['rel1']:+.1f}%" for r in rs)
+    print(f"| {slug} | {','.join(r['seed'] for r in rs)} | {per_seed} | "
           f"{100 * m1:+.1f}% | {100 * m01:+.1f}% | {nat:.2f} | {pgd:.2f} | {'yes' if ok else 'no'} |")
 m_cand, ok_cand = means[CANDIDATE]
 adopt = ok_cand and m_cand <= means[CURRENT][0] - 0.02
