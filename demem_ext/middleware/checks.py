@@ -127,6 +127,21 @@ def class_count(config: DeMemConfig, num_classes: Any) -> None:
         raise ValueError("threshold='class' needs num_classes (the number of classes) to hold the per-class moments")
 
 
+def _integer_rows(name: str, value: Any, batch_size: int, device: torch.device | str, bound: str,
+                  high: Optional[int]) -> torch.Tensor:
+    """`value` as an int64 tensor [batch_size] on `device`, with values in [0, high) (high None: no upper bound)."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be an integer torch.Tensor, got {type(value).__name__}")
+    if value.dtype == torch.bool or value.is_floating_point() or value.is_complex():
+        raise ValueError(f"{name} must be an integer tensor, got {value.dtype}")
+    if value.shape != (batch_size,):
+        raise ValueError(f"{name} must have shape ({batch_size},), got {tuple(value.shape)}")
+    out = value.detach().to(device, torch.int64)
+    if out.numel() and (int(out.min()) < 0 or (high is not None and int(out.max()) >= high)):
+        raise ValueError(f"{name} must be in [0, {bound}={high}), got values in [{int(out.min())}, {int(out.max())}]")
+    return out
+
+
 def class_labels(labels: Any, batch_size: int, config: DeMemConfig, num_classes: Optional[int],
                  device: torch.device) -> Optional[torch.Tensor]:
     """Validated `labels` as an int64 tensor on `device` with threshold="class" (required there), else None."""
@@ -134,17 +149,7 @@ def class_labels(labels: Any, batch_size: int, config: DeMemConfig, num_classes:
         return None
     if labels is None:
         raise ValueError("labels ([B] class indices) are required with threshold='class'")
-    if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"labels must be an integer torch.Tensor, got {type(labels).__name__}")
-    if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
-        raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
-    if labels.shape != (batch_size,):
-        raise ValueError(f"labels must have shape ({batch_size},), got {tuple(labels.shape)}")
-    out = labels.detach().to(device, torch.int64)
-    if out.numel() and (int(out.min()) < 0 or int(out.max()) >= num_classes):
-        raise ValueError(f"labels must be in [0, num_classes={num_classes}), got values in "
-                         f"[{int(out.min())}, {int(out.max())}]")
-    return out
+    return _integer_rows("labels", labels, batch_size, device, "num_classes", num_classes)
 
 
 def losses_for_backward(losses: Any) -> torch.Tensor:
@@ -221,18 +226,9 @@ def dataset_indices(indices: Any, batch_size: int, config: DeMemConfig,
         if config.proxy == "trace":
             raise ValueError("indices ([B] dataset indices) are required with proxy='trace'")
         return None
-    if not isinstance(indices, torch.Tensor):
-        raise TypeError(f"indices must be an integer torch.Tensor, got {type(indices).__name__}")
-    if indices.dtype == torch.bool or indices.is_floating_point() or indices.is_complex():
-        raise ValueError(f"indices must be an integer tensor, got {indices.dtype}")
-    if indices.shape != (batch_size,):
-        raise ValueError(f"indices must have shape ({batch_size},), got {tuple(indices.shape)}")
-    idx = indices.detach().to("cpu", torch.int64)
+    idx = _integer_rows("indices", indices, batch_size, "cpu", "num_samples", num_samples)
     if idx.numel() == 0:
         return idx
-    if int(idx.min()) < 0 or (num_samples is not None and int(idx.max()) >= num_samples):
-        raise ValueError(f"indices must be in [0, num_samples={num_samples}), got values in "
-                         f"[{int(idx.min())}, {int(idx.max())}]")
     if config.proxy == "trace" and idx.unique().numel() != batch_size:
         raise ValueError("indices must be unique within a batch with proxy='trace'")
     return idx
