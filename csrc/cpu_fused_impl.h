@@ -16,9 +16,10 @@
 //   one sweep acc += Σ_r coeff_r·g_r into its own accumulator [P] while the rows are still in cache.
 //   G is read from memory once. Region 2 adds the per-thread accumulators in thread order, the
 //   noise σ·C·ξ, and divides by D, column-parallel.
-// "columns": region 1 computes sums of squares of groups of kNormRows rows read side by side (one
-//   memory stream alone does not reach a core's bandwidth on an Intel Xeon), over whole rows or,
-//   with few groups per thread, over column pieces; then the coefficients; region 2, parallel over
+// "columns": region 1 computes sums of squares of groups of rows read side by side (plan.norm_rows,
+//   measured per shape: one memory stream alone does not reach a core's bandwidth on an Intel Xeon,
+//   while a Zen 4 core streams fastest with few), over whole rows or, with few groups of kMaxNormRows
+//   per thread, over column pieces; then the coefficients; region 2, parallel over
 //   column chunks, accumulates every row of its chunk in order into the output (the chunk stays in
 //   L2), adds the noise and divides by D. G is read twice, each time as a few long streams.
 // "mv": region 1 of "columns", then torch's matrix product (at::mm, what `coeff @ G` runs) for
@@ -76,7 +77,6 @@ using at::vec::Vectorized;
 constexpr int64_t kChunk = 65536;              // columns per accumulation task (multiple of 4 and of vector widths)
 constexpr int64_t kNormChunk = 65536;          // columns per norm task of the "columns" schedule (at least)
 constexpr int64_t kMaxGroup = 4;               // rows per group of the "rows" schedule (one sweep)
-constexpr int kNormRows = 16;                  // rows read side by side by a norm sweep (at most)
 #if defined(CPU_CAPABILITY_AVX512)
 constexpr int64_t kDraw = 64;  // normals per draw in a norm sweep: one call of the widest Philox path
 #else
@@ -200,21 +200,23 @@ constexpr int64_t kReducedBlock = 32;
 
 // out[k] = Σ x[k·stride + 0:n]² for the K rows, read side by side (see above for the accumulation);
 // draws the normals of `noise` in between (spread over the sweep, kDraw at a time). The sums do not
-// depend on the noise (same accumulators, same order). Two float64 accumulators per row for up to
-// four rows, one for more (enough independent FMA chains either way, few register spills).
+// depend on the noise nor on K (one float64 accumulator vector per row, the same order for any K),
+// so the number of rows read side by side is a matter of speed only.
 template <typename scalar_t, int K>
 void sum_squares_k(const scalar_t* x, int64_t stride, int64_t n, double* out, const NoiseSlice& noise) {
   using W = Widen<scalar_t>;
   using acc_t = typename W::acc_t;
   constexpr bool kReduced = W::kN == 2;
-  constexpr int kA = K <= 4 ? 2 : 1;
-  Vectorized<double> a[K][2];
-  for (int k = 0; k < K; ++k) a[k][0] = a[k][1] = Vectorized<double>(0.0);
+  Vectorized<double> a[K];
+  for (int k = 0; k < K; ++k) a[k] = Vectorized<double>(0.0);
   const int64_t vec_end = n - n % W::kStep;
   const int64_t draws = divup(noise.count, kDraw);
+  // Draws fall between whole reduced blocks, so that the blocks start at multiples of kUnit whatever
+  // the draws (their number depends on K).
+  constexpr int64_t kUnit = kReduced ? kReducedBlock * W::kStep : W::kStep;
   int64_t i = 0;
   for (int64_t d = 0; d <= draws; ++d) {
-    const int64_t stop = d == draws ? vec_end : (vec_end / W::kStep) * (d + 1) / (draws + 1) * W::kStep;
+    const int64_t stop = d == draws ? vec_end : (vec_end / kUnit) * (d + 1) / (draws + 1) * kUnit;
     if constexpr (kReduced) {
       while (i < stop) {
         const int64_t block_end = std::min(stop, i + kReducedBlock * W::kStep);
@@ -228,14 +230,14 @@ void sum_squares_k(const scalar_t* x, int64_t stride, int64_t n, double* out, co
             f[k] = at::vec::fmadd(u[1], u[1], f[k]);
           }
         }
-        for (int k = 0; k < K; ++k) add_widened(f[k], a[k][0], a[k][kA - 1]);
+        for (int k = 0; k < K; ++k) add_widened(f[k], a[k], a[k]);
       }
     } else {
       for (; i < stop; i += W::kStep) {
         for (int k = 0; k < K; ++k) {
           Vectorized<acc_t> u[W::kN];
           W::load(x + k * stride + i, u);
-          for (int q = 0; q < W::kN; ++q) add_squares(u[q], a[k][0], a[k][kA - 1]);
+          for (int q = 0; q < W::kN; ++q) add_squares(u[q], a[k], a[k]);
         }
       }
     }
@@ -246,8 +248,7 @@ void sum_squares_k(const scalar_t* x, int64_t stride, int64_t n, double* out, co
   }
   for (int k = 0; k < K; ++k) {
     double total = at::vec::vec_reduce_all<double>(
-        [](const Vectorized<double>& p, const Vectorized<double>& q) { return p + q; },
-        kA == 2 ? a[k][0] + a[k][1] : a[k][0]);
+        [](const Vectorized<double>& p, const Vectorized<double>& q) { return p + q; }, a[k]);
     for (int64_t j = vec_end; j < n; ++j) {
       const double v = static_cast<double>(x[k * stride + j]);
       total += v * v;
@@ -257,7 +258,7 @@ void sum_squares_k(const scalar_t* x, int64_t stride, int64_t n, double* out, co
 }
 
 // sum_squares_k for 1 <= rows <= K rows.
-template <typename scalar_t, int K = kNormRows>
+template <typename scalar_t, int K = kMaxNormRows>
 void sum_squares_rows(const scalar_t* x, int64_t stride, int64_t n, int64_t rows, double* out,
                       const NoiseSlice& noise = {}) {
   if constexpr (K > 1) {
@@ -364,9 +365,13 @@ void fused_rows_schedule(const FusedCpuArgs& a, int64_t parts, int64_t group, in
   const scalar_t* G = static_cast<const scalar_t*>(a.grads);
   acc_t* grad = static_cast<acc_t*>(a.grad);
   const int64_t B = a.rows, P = a.cols;
-  // One accumulator per row range; the first range accumulates into the output itself.
-  std::vector<acc_t> extra(static_cast<size_t>((parts - 1) * P));
-  auto accumulator = [&](int64_t p) { return p == 0 ? grad : extra.data() + (p - 1) * P; };
+  // One accumulator per row range; the first range accumulates into the output itself, the others
+  // into a buffer that the calling thread's later steps reuse (as noise_buffer). The workers see it
+  // through `extra` (a thread_local named inside them would be their own).
+  thread_local std::vector<acc_t> buffer;
+  if (buffer.size() < static_cast<size_t>((parts - 1) * P)) buffer.resize(static_cast<size_t>((parts - 1) * P));
+  acc_t* const extra = buffer.data();
+  auto accumulator = [grad, extra, P](int64_t p) { return p == 0 ? grad : extra + (p - 1) * P; };
   const int64_t per_part = divup(B, parts);
   float* const noise_z = noise_buffer(a);
   const NoisePlan noise(noise_z, P, B, P, a.seed, a.offset);
@@ -389,21 +394,23 @@ void fused_rows_schedule(const FusedCpuArgs& a, int64_t parts, int64_t group, in
       }
     }
   });
-  finish_region(a, grad, extra.data(), parts, noise, threads);
+  finish_region(a, grad, extra, parts, noise, threads);
 }
 
-// Region 1 of "columns" and "mv": the sums of squares of groups of kNormRows rows (whole rows, or
-// column pieces of at least kNormChunk when there are few groups per thread), the normals, then
-// the norms and coefficients (written to a.norms, a.coeff; run returns the coefficients).
+// Region 1 of "columns" and "mv": the sums of squares of groups of norm_rows rows (whole rows, or
+// column pieces of at least kNormChunk when there are few groups of kMaxNormRows per thread: the
+// pieces, hence the sums, do not depend on norm_rows), the normals, then the norms and coefficients
+// (written to a.norms, a.coeff; run returns the coefficients).
 template <typename scalar_t>
 struct NormsRegion {
-  int64_t groups, piece, nn;
+  int64_t rows_per_group, groups, piece, nn;
   NoisePlan noise;
-  NormsRegion(const FusedCpuArgs& a, float* z, int64_t threads)
-      : groups(divup(a.rows, kNormRows)),
-        piece(std::max(kNormChunk, 64 * divup(divup(a.cols, divup(4 * threads, groups)), 64))),
+  NormsRegion(const FusedCpuArgs& a, float* z, int64_t threads, int norm_rows)
+      : rows_per_group(std::clamp(norm_rows, 1, kMaxNormRows)),
+        groups(divup(a.rows, rows_per_group)),
+        piece(std::max(kNormChunk, 64 * divup(divup(a.cols, divup(4 * threads, divup(a.rows, kMaxNormRows))), 64))),
         nn(divup(a.cols, piece)),
-        noise(z, a.cols, groups * nn, std::min(piece, a.cols) * std::min<int64_t>(a.rows, kNormRows), a.seed,
+        noise(z, a.cols, groups * nn, std::min(piece, a.cols) * std::min(a.rows, rows_per_group), a.seed,
               a.offset) {}
 
   std::vector<acc_type_t<scalar_t>> run(const FusedCpuArgs& a, int64_t threads) const {
@@ -412,10 +419,10 @@ struct NormsRegion {
     std::vector<double> partial(static_cast<size_t>(B * nn));
     // (group, piece) tasks, piece-major so neighbouring tasks share a column range.
     at::parallel_for(0, groups * nn, divup(groups * nn, threads), [&](int64_t begin, int64_t end) {
-      double ss[kNormRows];
+      double ss[kMaxNormRows];
       for (int64_t idx = begin; idx < end; ++idx) {
-        const int64_t c = idx / groups, r0 = (idx % groups) * kNormRows;
-        const int64_t nr = std::min<int64_t>(kNormRows, B - r0), col0 = c * piece;
+        const int64_t c = idx / groups, r0 = (idx % groups) * rows_per_group;
+        const int64_t nr = std::min(rows_per_group, B - r0), col0 = c * piece;
         sum_squares_rows(G + r0 * P + col0, P, std::min(piece, P - col0), nr, ss, noise.slice(idx));
         for (int64_t r = 0; r < nr; ++r) partial[(r0 + r) * nn + c] = ss[r];
       }
@@ -449,17 +456,17 @@ void accumulate_region(const FusedCpuArgs& a, const acc_type_t<scalar_t>* cf, co
 }
 
 template <typename scalar_t>
-void fused_columns_schedule(const FusedCpuArgs& a, int64_t threads) {
+void fused_columns_schedule(const FusedCpuArgs& a, int64_t threads, int norm_rows) {
   float* const noise_z = noise_buffer(a);
-  const NormsRegion<scalar_t> norms(a, noise_z, threads);
+  const NormsRegion<scalar_t> norms(a, noise_z, threads, norm_rows);
   accumulate_region<scalar_t>(a, norms.run(a, threads).data(), norms.noise, threads);
 }
 
 template <typename scalar_t>
-void fused_mv_schedule(const FusedCpuArgs& a, int64_t threads) {
+void fused_mv_schedule(const FusedCpuArgs& a, int64_t threads, int norm_rows) {
   using acc_t = acc_type_t<scalar_t>;
   float* const noise_z = noise_buffer(a);
-  const NormsRegion<scalar_t> norms(a, noise_z, threads);
+  const NormsRegion<scalar_t> norms(a, noise_z, threads, norm_rows);
   const std::vector<acc_t> cf = norms.run(a, threads);
   cpu_gemv(a, cf.data());
   finish_region<acc_t>(a, static_cast<acc_t*>(a.grad), nullptr, 1, norms.noise, threads);
@@ -473,14 +480,15 @@ int64_t step_threads(int64_t B, int64_t P) {
   return std::clamp<int64_t>(work_bytes / kMinTaskBytes, 1, std::max(1, at::get_num_threads()));
 }
 
-// One pass of "columns" alone (cpu_passes.cpp): kNorms, region 1 with its normals (norms and
-// coefficients into a.norms, a.coeff); kAccumulate, region 2 with the coefficients a.coeff, no noise.
+// One pass of "columns" alone (cpu_passes.cpp, and the calibration of norm_rows): kNorms, region 1
+// with its normals (norms and coefficients into a.norms, a.coeff); kAccumulate, region 2 with the
+// coefficients a.coeff, no noise.
 template <typename scalar_t>
-void pass_impl(const FusedCpuArgs& a, CpuPass pass) {
+void pass_impl(const FusedCpuArgs& a, CpuPass pass, int norm_rows) {
   const int64_t threads = step_threads<scalar_t>(a.rows, a.cols);
   if (pass == CpuPass::kNorms) {
     float* const noise_z = noise_buffer(a);
-    NormsRegion<scalar_t>(a, noise_z, threads).run(a, threads);
+    NormsRegion<scalar_t>(a, noise_z, threads, norm_rows).run(a, threads);
     return;
   }
   const NoisePlan none(nullptr, a.cols, 1, a.cols, 0, 0);
@@ -488,7 +496,8 @@ void pass_impl(const FusedCpuArgs& a, CpuPass pass) {
 }
 
 template <typename scalar_t>
-void fused_step_impl(const FusedCpuArgs& a, CpuSchedule schedule) {
+void fused_step_impl(const FusedCpuArgs& a, const CpuPlan& plan) {
+  const CpuSchedule schedule = plan.schedule;
   using acc_t = acc_type_t<scalar_t>;
   const int64_t B = a.rows, P = a.cols;
   const int64_t threads = step_threads<scalar_t>(B, P);
@@ -500,9 +509,9 @@ void fused_step_impl(const FusedCpuArgs& a, CpuSchedule schedule) {
     return fused_rows_schedule<scalar_t>(a, std::min(threads, B), group, threads);
   }
   if (schedule == CpuSchedule::kMv && (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>)) {
-    return fused_mv_schedule<scalar_t>(a, threads);
+    return fused_mv_schedule<scalar_t>(a, threads, plan.norm_rows);
   }
-  fused_columns_schedule<scalar_t>(a, threads);
+  fused_columns_schedule<scalar_t>(a, threads, plan.norm_rows);
 }
 
 }  // namespace
@@ -528,29 +537,29 @@ void DEMEM_NORMALS_ENTRY(float* out, int64_t n, uint64_t seed, uint64_t block0) 
 #endif
 }
 
-void DEMEM_PASS_ENTRY(const FusedCpuArgs& args, CpuPass pass) {
+void DEMEM_PASS_ENTRY(const FusedCpuArgs& args, CpuPass pass, int norm_rows) {
   switch (args.kind) {
     case GradKind::kHalf:
-      return pass_impl<c10::Half>(args, pass);
+      return pass_impl<c10::Half>(args, pass, norm_rows);
     case GradKind::kBFloat16:
-      return pass_impl<c10::BFloat16>(args, pass);
+      return pass_impl<c10::BFloat16>(args, pass, norm_rows);
     case GradKind::kFloat:
-      return pass_impl<float>(args, pass);
+      return pass_impl<float>(args, pass, norm_rows);
     case GradKind::kDouble:
-      return pass_impl<double>(args, pass);
+      return pass_impl<double>(args, pass, norm_rows);
   }
 }
 
-void DEMEM_FUSED_ENTRY(const FusedCpuArgs& args, CpuSchedule schedule) {
+void DEMEM_FUSED_ENTRY(const FusedCpuArgs& args, const CpuPlan& plan) {
   switch (args.kind) {
     case GradKind::kHalf:
-      return fused_step_impl<c10::Half>(args, schedule);
+      return fused_step_impl<c10::Half>(args, plan);
     case GradKind::kBFloat16:
-      return fused_step_impl<c10::BFloat16>(args, schedule);
+      return fused_step_impl<c10::BFloat16>(args, plan);
     case GradKind::kFloat:
-      return fused_step_impl<float>(args, schedule);
+      return fused_step_impl<float>(args, plan);
     case GradKind::kDouble:
-      return fused_step_impl<double>(args, schedule);
+      return fused_step_impl<double>(args, plan);
   }
 }
 

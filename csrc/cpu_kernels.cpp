@@ -17,12 +17,12 @@ namespace demem {
 // Defined in cpu_kernels_avx2.cpp and cpu_kernels_avx512.cpp on x86-64 with GCC/Clang.
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define DEMEM_HAVE_AVX2_BUILD 1
-void fused_step_cpu_avx2(const FusedCpuArgs& args, CpuSchedule schedule);
+void fused_step_cpu_avx2(const FusedCpuArgs& args, const CpuPlan& plan);
 void philox_normals_cpu_avx2(float* out, int64_t n, uint64_t seed, uint64_t block0);
-void pass_cpu_avx2(const FusedCpuArgs& args, CpuPass pass);
-void fused_step_cpu_avx512(const FusedCpuArgs& args, CpuSchedule schedule);
+void pass_cpu_avx2(const FusedCpuArgs& args, CpuPass pass, int norm_rows);
+void fused_step_cpu_avx512(const FusedCpuArgs& args, const CpuPlan& plan);
 void philox_normals_cpu_avx512(float* out, int64_t n, uint64_t seed, uint64_t block0);
-void pass_cpu_avx512(const FusedCpuArgs& args, CpuPass pass);
+void pass_cpu_avx512(const FusedCpuArgs& args, CpuPass pass, int norm_rows);
 #endif
 
 namespace {
@@ -89,20 +89,20 @@ const char* cpu_kernel_capability() {
   return "default";
 }
 
-void run_fused_cpu(const FusedCpuArgs& args, CpuSchedule schedule) {
+void run_fused_cpu(const FusedCpuArgs& args, const CpuPlan& plan) {
 #ifdef DEMEM_HAVE_AVX2_BUILD
-  if (cpu_isa() == Isa::kAvx512) return fused_step_cpu_avx512(args, schedule);
-  if (cpu_isa() == Isa::kAvx2) return fused_step_cpu_avx2(args, schedule);
+  if (cpu_isa() == Isa::kAvx512) return fused_step_cpu_avx512(args, plan);
+  if (cpu_isa() == Isa::kAvx2) return fused_step_cpu_avx2(args, plan);
 #endif
-  fused_step_cpu_default(args, schedule);
+  fused_step_cpu_default(args, plan);
 }
 
-void run_pass_cpu(const FusedCpuArgs& args, CpuPass pass) {
+void run_pass_cpu(const FusedCpuArgs& args, CpuPass pass, int norm_rows) {
 #ifdef DEMEM_HAVE_AVX2_BUILD
-  if (cpu_isa() == Isa::kAvx512) return pass_cpu_avx512(args, pass);
-  if (cpu_isa() == Isa::kAvx2) return pass_cpu_avx2(args, pass);
+  if (cpu_isa() == Isa::kAvx512) return pass_cpu_avx512(args, pass, norm_rows);
+  if (cpu_isa() == Isa::kAvx2) return pass_cpu_avx2(args, pass, norm_rows);
 #endif
-  pass_cpu_default(args, pass);
+  pass_cpu_default(args, pass, norm_rows);
 }
 
 void philox_normal_cpu_kernel(float* out, int64_t n, uint64_t seed, uint64_t offset) {

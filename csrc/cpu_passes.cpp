@@ -1,8 +1,9 @@
 // The two passes of the fused CPU step's "columns" schedule as ops, so that the benchmark can time
 // each against the torch op that does the same work (vector_norm, mv), in the same run:
 //   demem::cpu_fused_pass(Tensor grads, Tensor coeff, str which) -> Tensor
-//   pass "norms":      the row norms [B] (sums of squares as in the step, with the normals of σ = 1 drawn
-//                      during the sweeps, as in the step); coeff is not read
+//   pass "norms":      the row norms [B] (sums of squares as in the step, the rows side by side that a
+//                      step on this shape reads (cpu_norm_rows), with the normals of σ = 1 drawn during
+//                      the sweeps, as in the step); coeff is not read
 //   pass "accumulate": coeffᵀG [P] (coeff [B] in the accumulation dtype)
 // Outputs in the accumulation dtype (float64 for float64 gradients, float32 otherwise).
 #include <ATen/ATen.h>
@@ -47,7 +48,11 @@ at::Tensor cpu_fused_pass(const at::Tensor& grads, const at::Tensor& coeff, c10:
   a.grad = grad.data_ptr();
   a.norms = norms.data_ptr();
   a.coeff = pass == "norms" ? cf.data_ptr() : const_cast<void*>(c.data_ptr());
-  run_pass_cpu(a, pass == "norms" ? CpuPass::kNorms : CpuPass::kAccumulate);
+  if (pass == "norms") {
+    run_pass_cpu(a, CpuPass::kNorms, cpu_norm_rows(a));
+  } else {
+    run_pass_cpu(a, CpuPass::kAccumulate, kMaxNormRows);  // the accumulate pass reads no norms
+  }
   return pass == "norms" ? norms : grad;
 }
 

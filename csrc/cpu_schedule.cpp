@@ -1,7 +1,10 @@
-// Which schedule the CPU fused step runs (cpu_schedule.h): measured, not guessed. The first call of
-// a (dtype, B, P, threads) runs every candidate schedule in turn, a few rounds, and keeps the fastest
-// for the process; DEMEM_CPU_SCHEDULE=rows|columns|mv forces one (auto or unset: calibrate). The
-// op demem::cpu_fused_schedule(grads) names the schedule a call on `grads` runs now.
+// Which plan the CPU fused step runs (cpu_schedule.h): measured, not guessed. The first call of a
+// (dtype, B, P, threads) first times the norm pass with each candidate number of rows read side by
+// side (kNormRowCandidates), then every candidate schedule with the fastest, in interleaved rounds
+// after one untimed warm-up call each, and keeps the one with the lowest median for the process.
+// DEMEM_CPU_SCHEDULE=rows|columns|mv forces a schedule and DEMEM_CPU_NORM_ROWS=1..16 the rows side by
+// side (auto or unset: calibrate). The ops demem::cpu_fused_schedule(grads) and
+// demem::cpu_fused_norm_rows(grads) name what a call on `grads` runs now.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -10,6 +13,7 @@
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <map>
 #include <mutex>
@@ -24,9 +28,12 @@ namespace demem {
 
 namespace {
 
-constexpr double kMinCalibrationSeconds = 0.05;  // tiny steps get more rounds, up to kMaxRounds
-constexpr int kMinRounds = 3;
-constexpr int kMaxRounds = 20;
+constexpr double kMinCalibrationSeconds = 0.1;  // tiny steps get more rounds, up to kMaxRounds
+constexpr int kMinRounds = 5;
+constexpr int kMaxRounds = 21;
+// The norm pass's candidates: few streams (fastest on a Zen 4) and many (on an Intel Xeon, where one
+// core needs them to reach its bandwidth); docs/benchmarks.md.
+constexpr int kNormRowCandidates[] = {4, kMaxNormRows};
 
 std::optional<CpuSchedule> forced_schedule() {
   const char* v = std::getenv("DEMEM_CPU_SCHEDULE");
@@ -35,6 +42,16 @@ std::optional<CpuSchedule> forced_schedule() {
     if (std::strcmp(v, schedule_name(s)) == 0) return s;
   }
   TORCH_CHECK(false, "DEMEM_CPU_SCHEDULE must be auto, rows, columns or mv; got '", v, "'");
+}
+
+std::optional<int> forced_norm_rows() {
+  const char* v = std::getenv("DEMEM_CPU_NORM_ROWS");
+  if (v == nullptr || *v == '\0' || std::strcmp(v, "auto") == 0) return std::nullopt;
+  char* end = nullptr;
+  const long n = std::strtol(v, &end, 10);
+  TORCH_CHECK(*end == '\0' && n >= 1 && n <= kMaxNormRows, "DEMEM_CPU_NORM_ROWS must be auto or an integer in 1..",
+              kMaxNormRows, "; got '", v, "'");
+  return static_cast<int>(n);
 }
 
 bool mv_supported(GradKind kind) { return kind == GradKind::kFloat || kind == GradKind::kDouble; }
@@ -62,8 +79,12 @@ std::mutex& cache_mutex() {
   static std::mutex m;
   return m;
 }
-std::map<Key, CpuSchedule>& chosen() {
+std::map<Key, CpuSchedule>& chosen_schedules() {
   static std::map<Key, CpuSchedule> m;
+  return m;
+}
+std::map<Key, int>& chosen_norm_rows() {
+  static std::map<Key, int> m;
   return m;
 }
 
@@ -78,41 +99,75 @@ std::vector<CpuSchedule> candidates(const FusedCpuArgs& a) {
   return c;
 }
 
-double seconds(const FusedCpuArgs& a, CpuSchedule s) {
+template <typename Run>
+double seconds(const Run& run) {
   const auto t0 = std::chrono::steady_clock::now();
-  run_fused_cpu(a, s);
+  run();
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
 
-// Rounds of every candidate in turn (machine noise hits them alike); the lowest minimum wins.
-CpuSchedule calibrate(const FusedCpuArgs& a) {
-  const std::vector<CpuSchedule> c = candidates(a);
-  if (c.size() == 1 || a.rows == 0 || a.cols == 0) return c.front();
-  std::vector<double> best(c.size(), std::numeric_limits<double>::infinity());
+// The index of the fastest of `runs`: one untimed warm-up call each (first touches, page faults),
+// then rounds of every run in turn (machine noise hits them alike); the lowest median wins (a run
+// that is fast only now and then does not).
+template <typename Run>
+size_t fastest(const std::vector<Run>& runs) {
+  for (const Run& run : runs) run();
+  std::vector<std::vector<double>> times(runs.size());
   int rounds = kMinRounds;
   for (int round = 0; round < rounds; ++round) {
     double total = 0.0;
-    for (size_t i = 0; i < c.size(); ++i) {
-      const double t = seconds(a, c[i]);
-      best[i] = std::min(best[i], t);
-      total += t;
+    for (size_t i = 0; i < runs.size(); ++i) {
+      times[i].push_back(seconds(runs[i]));
+      total += times[i].back();
     }
     if (round == 0 && total > 0.0) {
       rounds = std::clamp(static_cast<int>(kMinCalibrationSeconds / total), kMinRounds, kMaxRounds);
     }
   }
-  return c[std::min_element(best.begin(), best.end()) - best.begin()];
+  std::vector<double> medians;
+  for (std::vector<double>& t : times) {
+    std::nth_element(t.begin(), t.begin() + t.size() / 2, t.end());
+    medians.push_back(t[t.size() / 2]);
+  }
+  return static_cast<size_t>(std::min_element(medians.begin(), medians.end()) - medians.begin());
 }
 
-CpuSchedule schedule_for(const FusedCpuArgs& a) {
-  if (const auto forced = forced_schedule()) return *forced;
-  std::lock_guard<std::mutex> lock(cache_mutex());
+// Caller holds cache_mutex(). The norm rows with the fastest norm pass (its normals included).
+int norm_rows_locked(const FusedCpuArgs& a) {
+  if (const auto forced = forced_norm_rows()) return *forced;
   const Key key = key_of(a.kind, a.rows, a.cols);
-  const auto it = chosen().find(key);
-  if (it != chosen().end()) return it->second;
-  const CpuSchedule s = calibrate(a);
-  chosen().emplace(key, s);
-  return s;
+  const auto it = chosen_norm_rows().find(key);
+  if (it != chosen_norm_rows().end()) return it->second;
+  int rows = kMaxNormRows;
+  if (a.rows > kNormRowCandidates[0] && a.cols > 0) {  // with fewer rows every candidate reads the same
+    std::vector<std::function<void()>> runs;
+    for (const int n : kNormRowCandidates) runs.emplace_back([&a, n] { run_pass_cpu(a, CpuPass::kNorms, n); });
+    rows = kNormRowCandidates[fastest(runs)];
+  }
+  chosen_norm_rows().emplace(key, rows);
+  return rows;
+}
+
+CpuPlan plan_for(const FusedCpuArgs& a) {
+  const auto forced = forced_schedule();
+  if (forced == CpuSchedule::kRows) return {*forced, kMaxNormRows};  // its norm sweeps take its row groups
+  std::lock_guard<std::mutex> lock(cache_mutex());
+  const int norm_rows = norm_rows_locked(a);
+  if (forced) return {*forced, norm_rows};
+  const Key key = key_of(a.kind, a.rows, a.cols);
+  const auto it = chosen_schedules().find(key);
+  if (it != chosen_schedules().end()) return {it->second, norm_rows};
+  const std::vector<CpuSchedule> c = candidates(a);
+  CpuSchedule s = c.front();
+  if (c.size() > 1 && a.rows > 0 && a.cols > 0) {
+    std::vector<std::function<void()>> runs;
+    for (const CpuSchedule candidate : c) {
+      runs.emplace_back([&a, candidate, norm_rows] { run_fused_cpu(a, {candidate, norm_rows}); });
+    }
+    s = c[fastest(runs)];
+  }
+  chosen_schedules().emplace(key, s);
+  return {s, norm_rows};
 }
 
 GradKind kind_of(at::ScalarType t) {
@@ -128,14 +183,29 @@ GradKind kind_of(at::ScalarType t) {
   }
 }
 
+Key key_of(const at::Tensor& grads) {
+  TORCH_CHECK(grads.dim() == 2, "demem::cpu_fused_schedule: grads must be [B, P], got ", grads.sizes());
+  return key_of(kind_of(grads.scalar_type()), grads.size(0), grads.size(1));
+}
+
 // The schedule a fused step on `grads` (on this thread count) runs: forced, calibrated, or
 // "uncalibrated" before the first call of that shape.
 std::string cpu_fused_schedule(const at::Tensor& grads) {
-  TORCH_CHECK(grads.dim() == 2, "demem::cpu_fused_schedule: grads must be [B, P], got ", grads.sizes());
+  const Key key = key_of(grads);
   if (const auto forced = forced_schedule()) return schedule_name(*forced);
   std::lock_guard<std::mutex> lock(cache_mutex());
-  const auto it = chosen().find(key_of(kind_of(grads.scalar_type()), grads.size(0), grads.size(1)));
-  return it == chosen().end() ? "uncalibrated" : schedule_name(it->second);
+  const auto it = chosen_schedules().find(key);
+  return it == chosen_schedules().end() ? "uncalibrated" : schedule_name(it->second);
+}
+
+// The rows its norm pass reads side by side ("columns" and "mv"): forced, calibrated, or 0 before the
+// first call of that shape.
+int64_t cpu_fused_norm_rows(const at::Tensor& grads) {
+  const Key key = key_of(grads);
+  if (const auto forced = forced_norm_rows()) return *forced;
+  std::lock_guard<std::mutex> lock(cache_mutex());
+  const auto it = chosen_norm_rows().find(key);
+  return it == chosen_norm_rows().end() ? 0 : it->second;
 }
 
 }  // namespace
@@ -161,10 +231,16 @@ void cpu_gemv(const FusedCpuArgs& a, const void* coeff) {
   at::mm_out(out, c, G);  // what `coeff @ G` runs
 }
 
-void fused_step_cpu_kernel(const FusedCpuArgs& args) { run_fused_cpu(args, schedule_for(args)); }
+int cpu_norm_rows(const FusedCpuArgs& args) {
+  std::lock_guard<std::mutex> lock(cache_mutex());
+  return norm_rows_locked(args);
+}
+
+void fused_step_cpu_kernel(const FusedCpuArgs& args) { run_fused_cpu(args, plan_for(args)); }
 
 }  // namespace demem
 
 TORCH_LIBRARY_FRAGMENT(demem, m) {
   m.def("cpu_fused_schedule(Tensor grads) -> str", &demem::cpu_fused_schedule);
+  m.def("cpu_fused_norm_rows(Tensor grads) -> int", &demem::cpu_fused_norm_rows);
 }

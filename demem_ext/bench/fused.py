@@ -19,7 +19,9 @@ On the CPU four more columns time the two passes of the op's two-read ("columns"
 (`torch.ops.demem.cpu_fused_pass`) against the torch op doing the same work: pnorm (the norm pass,
 normals included) against norm (`torch.linalg.vector_norm(G, dim=1)`), pacc (the accumulate pass)
 against mv (`coeff @ G`); "norm%" and "acc%" are the torch op's time over the pass's time, in percent
-(100%: as fast). "sched" is the schedule the op ran (`torch.ops.demem.cpu_fused_schedule`).
+(100%: as fast). "sched" is the schedule the op ran (`torch.ops.demem.cpu_fused_schedule`), "nr" the
+rows its norm pass read side by side (`torch.ops.demem.cpu_fused_norm_rows`; both measured on the
+shape's first call, or forced by DEMEM_CPU_SCHEDULE and DEMEM_CPU_NORM_ROWS).
 
 GB/s counts the bytes each step must move: G read once (B·P·itemsize) plus the P-sized float32
 output; the copy's GB/s counts its bytes read plus written (2·B·P·itemsize). The ratios ref/ext,
@@ -265,6 +267,7 @@ def bench_case(case: Case, device: torch.device, warmup: int, repeats: int, *, o
     row["norm_pass_pct"] = 100.0 * med["norm"] / med["pnorm"] if "pnorm" in med else None
     row["acc_pass_pct"] = 100.0 * med["mv"] / med["pacc"] if "pacc" in med else None
     row["schedule"] = torch.ops.demem.cpu_fused_schedule(grads) if device.type == "cpu" else None
+    row["norm_rows"] = torch.ops.demem.cpu_fused_norm_rows(grads) if device.type == "cpu" else None
     row["ext_pct_of_copy"] = 100.0 * row["ext_GBps"] / row["copy_GBps"]
     # the CUDA kernel reads G twice (norms, then the weighted sum): its bandwidth over both passes
     row["ext_two_pass_pct_of_copy"] = 100.0 * (moved + case.batch * case.size * itemsize) / med["ext"] / 1e9 \
@@ -338,7 +341,7 @@ def format_table(result: dict[str, Any]) -> str:
     head = (f"{'B':>5} {'P':>9} {'dtype':>5} | {'ext ms':>9} {'ref ms':>9} {'exact ms':>9} {'opacus ms':>9}"
             f" {'copy ms':>9} | {'ext GB/s':>8} {'copy GB/s':>9} | {'ref/ext':>7} {'exact/ext':>9} {'opacus/ext':>10}"
             f" {'ext%copy':>8}" + (f" {'2pass%copy':>10}" if two_pass else "")
-            + (f" | {'sched':>7} {'norm%':>5} {'acc%':>5}" if cpu else ""))
+            + (f" | {'sched':>7} {'nr':>2} {'norm%':>5} {'acc%':>5}" if cpu else ""))
     lines += [head, "-" * len(head)]
     for r in result["rows"]:
         lines.append(
@@ -348,7 +351,8 @@ def format_table(result: dict[str, Any]) -> str:
             f" {cell(r['ref_over_ext'], '.2f', 7, 'x')} {cell(r['exact_over_ext'], '.2f', 9, 'x')}"
             f" {cell(r['opacus_over_ext'], '.2f', 10, 'x')} {cell(r['ext_pct_of_copy'], '.0f', 8, '%')}"
             + (f" {cell(r['ext_two_pass_pct_of_copy'], '.0f', 10, '%')}" if two_pass else "")
-            + (f" | {r.get('schedule') or '?':>7} {cell(r.get('norm_pass_pct'), '.0f', 5, '%')}"
+            + (f" | {r.get('schedule') or '?':>7} {r.get('norm_rows') or '?':>2}"
+               f" {cell(r.get('norm_pass_pct'), '.0f', 5, '%')}"
                f" {cell(r.get('acc_pass_pct'), '.0f', 5, '%')}" if cpu else ""))
     notes = list(result.get("notes", []))
     for r in result["rows"]:
@@ -358,7 +362,7 @@ def format_table(result: dict[str, Any]) -> str:
     lines.append("GB/s: (B*P*itemsize + 4*P) bytes / time; copy GB/s: 2*B*P*itemsize / time (read + write). "
                  "ref = plain PyTorch composition, exact = demem_ext.ops.reference.fused_step, "
                  "opacus = DPOptimizer.pre_step() on the same per-sample gradients."
-                 + (" sched: the op's schedule; norm%: vector_norm time / the op's norm pass time; acc%: mv time /"
+                 + (" sched: the op's schedule; nr: its norm pass's rows side by side; norm%: vector_norm time / the op's norm pass time; acc%: mv time /"
                     " the op's accumulate pass time (same run)." if cpu else "")
                  + (" 2pass%copy: (2*B*P*itemsize + 4*P) bytes / time over copy GB/s (the kernel's two reads of G)."
                     if two_pass else ""))

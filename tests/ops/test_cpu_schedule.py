@@ -1,5 +1,5 @@
-"""The CPU fused step's schedule choice (calibrated once per shape, DEMEM_CPU_SCHEDULE forces one)
-and its two passes as ops (demem::cpu_fused_pass, what the benchmark times against torch's ops).
+"""The CPU fused step's plan (schedule and norm rows, calibrated once per shape; DEMEM_CPU_SCHEDULE
+and DEMEM_CPU_NORM_ROWS force them) and its two passes as ops (demem::cpu_fused_pass, what the benchmark times against torch's ops).
 Every schedule's results are checked against the reference by the property tests of test_ops.py."""
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ def _step(grads: torch.Tensor) -> tuple[torch.Tensor, ...]:
 @needs_ext
 def test_schedule_is_calibrated_once_then_cached(monkeypatch):
     monkeypatch.delenv("DEMEM_CPU_SCHEDULE", raising=False)
+    monkeypatch.delenv("DEMEM_CPU_NORM_ROWS", raising=False)
     grads = torch.randn(13, 4099, generator=torch.Generator().manual_seed(1))
     assert torch.ops.demem.cpu_fused_schedule(grads) == "uncalibrated"
     first = _step(grads)
@@ -45,6 +46,51 @@ def test_unknown_schedule_is_an_error(monkeypatch):
     monkeypatch.setenv("DEMEM_CPU_SCHEDULE", "fastest")
     with pytest.raises(RuntimeError, match="DEMEM_CPU_SCHEDULE"):
         _step(torch.randn(3, 10))
+
+
+@needs_ext
+def test_norm_rows_are_calibrated_once_then_cached(monkeypatch):
+    monkeypatch.delenv("DEMEM_CPU_SCHEDULE", raising=False)
+    monkeypatch.delenv("DEMEM_CPU_NORM_ROWS", raising=False)
+    grads = torch.randn(21, 3001, generator=torch.Generator().manual_seed(2))
+    assert torch.ops.demem.cpu_fused_norm_rows(grads) == 0  # uncalibrated
+    _step(grads)
+    chosen = torch.ops.demem.cpu_fused_norm_rows(grads)
+    assert chosen in {4, 16}
+    _step(grads)
+    assert torch.ops.demem.cpu_fused_norm_rows(grads) == chosen
+
+
+@needs_ext
+def test_forced_norm_rows_are_reported(monkeypatch):
+    monkeypatch.setenv("DEMEM_CPU_NORM_ROWS", "5")
+    assert torch.ops.demem.cpu_fused_norm_rows(torch.zeros(2, 3)) == 5
+
+
+@needs_ext
+@pytest.mark.parametrize("value", ["0", "17", "many", "4x"])
+def test_bad_norm_rows_are_an_error(monkeypatch, value):
+    monkeypatch.setenv("DEMEM_CPU_NORM_ROWS", value)
+    with pytest.raises(RuntimeError, match="DEMEM_CPU_NORM_ROWS"):
+        _step(torch.randn(9, 10))
+
+
+@needs_ext
+@pytest.mark.parametrize("schedule", ["columns", "mv"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("shape", [(37, 3001), (70, 140_003)])
+def test_norm_rows_change_nothing_but_speed(monkeypatch, schedule, dtype, shape):
+    """Every output (noise included) is bit for bit the same whatever the rows read side by side, so
+    the property tests of test_ops.py hold for every norm_rows the calibration may pick."""
+    monkeypatch.setenv("DEMEM_CPU_SCHEDULE", schedule)
+    grads = torch.randn(*shape, generator=torch.Generator().manual_seed(shape[0])).to(dtype)
+    results = []
+    for rows in ["1", "3", "4", "16"]:
+        monkeypatch.setenv("DEMEM_CPU_NORM_ROWS", rows)
+        results.append(_step(grads))
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
 
 
 @needs_ext
