@@ -7,7 +7,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
-PROXIES = ("loss", "trace")
+PROXIES = ("loss", "trace", "ztrace")
+TRACED_PROXIES = ("trace", "ztrace")  # per-sample state across visits: dataset indices needed
 SELECTIONS = ("hard", "soft")
 THRESHOLDS = ("mean", "quantile", "fixed", "class")
 CLIP_SCOPES = ("all", "high_risk")
@@ -36,7 +37,9 @@ class DeMemConfig:
     lam: de-memorization strength λ ≥ 0 (w_i = 1 − λ·r_i). λ > 1 gives high-risk samples negative
         weights (gradient ascent on their loss, unbounded for cross-entropy): measured on digits,
         λ = 2 diverges (docs/results.md); a non-finite loss then stops training with NonFiniteError.
-    proxy: "loss" (s_i = ℓ_i) or "trace" (per-sample EMA of the loss with decay trace_decay).
+    proxy: "loss" (s_i = ℓ_i), "trace" (per-sample EMA of the loss with decay trace_decay) or "ztrace"
+        (per-sample EMA of the loss's z-score in its batch, (ℓ_i − mean)/std over the batch's samples:
+        unlike the loss, it does not fall as training lowers every loss).
     selection/threshold/k/quantile/tau/temperature: the risk rule r_i. threshold="class": τ per class,
         τ_c = μ_c + k·σ_c from running per-class moments of the scores (decay class_decay per step);
         the DeMem block needs the labels and num_classes.

@@ -7,7 +7,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
-from demem_ext.config import DeMemConfig
+from demem_ext.config import TRACED_PROXIES, DeMemConfig
 from demem_ext.grad_sample import trainable_parameters
 from demem_ext.middleware.nonfinite import NONFINITE_MODES
 from demem_ext.sampling import Sampling
@@ -102,8 +102,8 @@ def block_options(config: DeMemConfig, num_samples: Any, seed: Any, secure_noise
     """The options of DeMem besides the model, the optimizer and the config."""
     if num_samples is not None:
         positive_int("num_samples", num_samples)
-    if config.proxy == "trace" and num_samples is None:
-        raise ValueError("proxy='trace' needs num_samples (the dataset size) to hold the loss trace")
+    if config.proxy in TRACED_PROXIES and num_samples is None:
+        raise ValueError(f"proxy={config.proxy!r} needs num_samples (the dataset size) to hold the trace")
     if nonfinite not in NONFINITE_MODES:
         raise ValueError(f"nonfinite must be 'error' or 'skip', got {nonfinite!r}")
     if engine not in ENGINES:
@@ -223,14 +223,14 @@ def dataset_indices(indices: Any, batch_size: int, config: DeMemConfig,
                     num_samples: Optional[int]) -> Optional[torch.Tensor]:
     """Validated dataset indices as a CPU int64 tensor (None when not given)."""
     if indices is None:
-        if config.proxy == "trace":
-            raise ValueError("indices ([B] dataset indices) are required with proxy='trace'")
+        if config.proxy in TRACED_PROXIES:
+            raise ValueError(f"indices ([B] dataset indices) are required with proxy={config.proxy!r}")
         return None
     idx = _integer_rows("indices", indices, batch_size, "cpu", "num_samples", num_samples)
     if idx.numel() == 0:
         return idx
-    if config.proxy == "trace" and idx.unique().numel() != batch_size:
-        raise ValueError("indices must be unique within a batch with proxy='trace'")
+    if config.proxy in TRACED_PROXIES and idx.unique().numel() != batch_size:
+        raise ValueError(f"indices must be unique within a batch with proxy={config.proxy!r}")
     return idx
 
 

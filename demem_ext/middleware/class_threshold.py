@@ -31,7 +31,7 @@ class ClassThresholds:
     def _updated(self, scores: torch.Tensor, labels: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
         """The moments after this batch (of every rank under torch.distributed), on the CPU."""
         pairs = torch.stack([labels.to(scores.device, torch.float64), scores.detach().to(torch.float64)], dim=1)
-        parts = group.gather_pairs(pairs) if group.collective else [pairs]
+        parts = group.gather_rows(pairs) if group.collective else [pairs]
         batch = torch.zeros_like(self.moments)
         for part in parts:
             part = part.cpu()

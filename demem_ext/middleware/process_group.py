@@ -33,6 +33,7 @@ class SingleProcess:
     """The whole batch is in this process: nothing to exchange."""
 
     world = 1
+    rank = 0
     collective = False  # whether every rank must take part in each call, even with no sample
 
     def join(self, model: nn.Module, config: DeMemConfig, options: dict[str, Any], seed: int,
@@ -63,9 +64,9 @@ class SingleProcess:
     def broadcast_seed(self, seed: int) -> int:
         return seed
 
-    def gather_pairs(self, pairs: torch.Tensor) -> list[torch.Tensor]:
-        """(index, loss) rows of every process, in rank order."""
-        return [pairs]
+    def gather_rows(self, rows: torch.Tensor) -> list[torch.Tensor]:
+        """The rows (e.g. (index, loss) pairs) of every process, in rank order."""
+        return [rows]
 
 
 class TorchDistributed:
@@ -75,6 +76,7 @@ class TorchDistributed:
 
     def __init__(self) -> None:
         self.world = collectives.world_size()
+        self.rank = collectives.rank()
 
     def join(self, model: nn.Module, config: DeMemConfig, options: dict[str, Any], seed: int,
              secure_noise: bool) -> int:
@@ -140,8 +142,8 @@ class TorchDistributed:
     def broadcast_seed(self, seed: int) -> int:
         return collectives.broadcast_seed(seed)
 
-    def gather_pairs(self, pairs: torch.Tensor) -> list[torch.Tensor]:
-        return collectives.all_gather_padded(pairs)
+    def gather_rows(self, rows: torch.Tensor) -> list[torch.Tensor]:
+        return collectives.all_gather_padded(rows)
 
 
 ProcessGroup = SingleProcess | TorchDistributed

@@ -1,4 +1,4 @@
-"""What the risk rule reads: the memorization proxy s_i (the loss or its trace), and with threshold="class" its
+"""What the risk rule reads: the memorization proxy s_i (the loss or a trace), and with threshold="class" its
 margin over the threshold of the sample's class."""
 
 from __future__ import annotations
@@ -24,12 +24,12 @@ class RiskScores:
                config: DeMemConfig, group: ProcessGroup) -> tuple[torch.Tensor, DeMemConfig]:
         """The scores and the rule to weight them with, for finite, detached `source` values (losses or the
         caller's scores) of the kept samples; nothing is recorded."""
-        return self.classes.margins(self.trace.scores(source, idx), labels, config, group)
+        return self.classes.margins(self.trace.scores(source, idx, group), labels, config, group)
 
     def commit(self, source: torch.Tensor, idx: Optional[torch.Tensor], labels: Optional[torch.Tensor],
                group: ProcessGroup) -> None:
         """Record the kept samples of a backward call that was taken (both parts, under torch.distributed
         every rank's samples)."""
         if self.classes.enabled:
-            self.classes.commit(self.trace.scores(source, idx), labels, group)
+            self.classes.commit(self.trace.scores(source, idx, group), labels, group)
         self.trace.commit(source, idx, group)

@@ -1,4 +1,5 @@
-"""The memorization proxy s_i: the loss itself, or the per-sample loss trace (an EMA across visits)."""
+"""The memorization proxy s_i: the loss itself, or a per-sample trace across visits (an EMA of the loss, or of
+its z-score within its batch)."""
 
 from __future__ import annotations
 
@@ -6,46 +7,59 @@ from typing import Optional
 
 import torch
 
-from demem_ext.config import DeMemConfig
+from demem_ext.config import TRACED_PROXIES, DeMemConfig
 from demem_ext.middleware.process_group import ProcessGroup
 
 
+def z_scores(values: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
+    """(v_i − mean)/std with the mean and population std of `batch` (float64); 0 where the std is 0."""
+    if batch.numel() == 0:
+        return values
+    std = batch.std(correction=0)
+    return (values - batch.mean()) / std if float(std) > 0 else torch.zeros_like(values)
+
+
 class LossTrace:
-    """m_i ← β·m_i + (1−β)·ℓ_i per dataset index (ℓ_i on the first visit), for proxy="trace".
+    """m_i ← β·m_i + (1−β)·x_i per dataset index (x_i on the first visit), for proxy="trace" (x_i = ℓ_i) and
+    proxy="ztrace" (x_i = ℓ_i's z-score in its batch, every rank's samples under torch.distributed).
 
     With proxy="loss" it holds nothing and the scores are the losses.
     """
 
     def __init__(self, config: DeMemConfig, num_samples: Optional[int]) -> None:
-        self.enabled = config.proxy == "trace"
+        self.enabled = config.proxy in TRACED_PROXIES
+        self.standardized = config.proxy == "ztrace"
         self.decay = config.trace_decay
         size = num_samples if self.enabled else 0
         self.values = torch.zeros(size, dtype=torch.float64)
         self.visited = torch.zeros(size, dtype=torch.bool)
 
-    def _updated(self, losses: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    def _updated(self, inputs: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """m_i after this visit (float64, CPU)."""
-        loss = losses.detach().to("cpu", torch.float64)
         beta = self.decay
-        return torch.where(self.visited[idx], beta * self.values[idx] + (1 - beta) * loss, loss)
+        return torch.where(self.visited[idx], beta * self.values[idx] + (1 - beta) * inputs, inputs)
 
-    def scores(self, losses: torch.Tensor, idx: Optional[torch.Tensor]) -> torch.Tensor:
+    def _visit(self, losses: torch.Tensor, group: ProcessGroup) -> list[torch.Tensor]:
+        """Every rank's x_i of this visit, in rank order (float64, CPU; this rank's alone on one process)."""
+        parts = [part.cpu() for part in group.gather_rows(losses.detach().to(torch.float64))]
+        if self.standardized:
+            batch = torch.cat(parts)
+            parts = [z_scores(part, batch) for part in parts]
+        return parts
+
+    def scores(self, losses: torch.Tensor, idx: Optional[torch.Tensor], group: ProcessGroup) -> torch.Tensor:
         """s_i for finite, detached losses (the trace is not changed)."""
         if not self.enabled:
             return losses
-        return self._updated(losses, idx).to(device=losses.device, dtype=losses.dtype)
+        inputs = self._visit(losses, group)[group.rank] if self.standardized else losses.detach().to("cpu", torch.float64)
+        return self._updated(inputs, idx).to(device=losses.device, dtype=losses.dtype)
 
     def commit(self, losses: torch.Tensor, idx: Optional[torch.Tensor], group: ProcessGroup) -> None:
-        """Record this visit. Under torch.distributed every rank's (index, loss) pairs are committed, rank
+        """Record this visit. Under torch.distributed every rank's (index, x) pairs are committed, rank
         after rank (a sample that DistributedSampler's padding puts on two ranks is visited twice)."""
         if not self.enabled:
             return
-        if not group.collective:
-            self.values[idx] = self._updated(losses, idx)
-            self.visited[idx] = True
-            return
-        pairs = torch.stack([idx.to(losses.device, torch.float64), losses.to(torch.float64)], dim=1)
-        for part in group.gather_pairs(pairs):
-            part_idx, part_losses = part[:, 0].cpu().to(torch.int64), part[:, 1].cpu()
-            self.values[part_idx] = self._updated(part_losses, part_idx)
+        for part_idx, inputs in zip(group.gather_rows(idx), self._visit(losses, group)):
+            part_idx = part_idx.cpu()
+            self.values[part_idx] = self._updated(inputs, part_idx)
             self.visited[part_idx] = True

@@ -78,6 +78,8 @@ VARIANTS: tuple[tuple[str, str, str, dict[str, Any]], ...] = (  # slug, family, 
      {"lam": 0.75, "threshold": "class"}),
     ("pgd-demem-l0.5-class", "PGD-AT", "λ = 0.5, class-relative τ_c = μ_c + 1·σ_c, decay 0.9",
      {"lam": 0.5, "threshold": "class"}),
+    ("pgd-demem-l0.75-ztrace", "PGD-AT", "λ = 0.75, EMA of the batch z-score of the loss, decay 0.9",
+     {"lam": 0.75, "proxy": "ztrace"}),
 )
 
 

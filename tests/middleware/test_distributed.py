@@ -199,6 +199,7 @@ SCENARIOS: dict[str, Callable[..., Any]] = {
     "nonfinite_grad": _nonfinite_grad_scenario, "batch_size": _batch_size_scenario}
 PER_SAMPLE = {"lam": 0.8, "threshold": "quantile", "quantile": 0.6, "max_grad_norm": 0.5, "noise_multiplier": 0.7}
 TRACE = {"lam": 1.0, "proxy": "trace", "trace_decay": 0.5, "threshold": "mean", "k": 0.0}
+ZTRACE = {**TRACE, "proxy": "ztrace"}
 CLASS = {"lam": 0.8, "threshold": "class", "class_decay": 0.5, "k": 0.0}
 CASES: dict[str, tuple[str, dict]] = {  # all run in one pair of processes (starting them costs seconds)
     "weighting-mean": ("train", {"demem": {"lam": 0.8, "threshold": "mean", "k": 0.5}, "path": "weighting",
@@ -215,6 +216,8 @@ CASES: dict[str, tuple[str, dict]] = {  # all run in one pair of processes (star
                                               "secure_noise": True}, "path": "per_sample", "split": "uneven"}),
     "trace-weighting": ("train", {"demem": TRACE, "path": "weighting", "split": "shifting"}),
     "trace-per_sample": ("train", {"demem": TRACE, "path": "per_sample", "split": "shifting"}),
+    "ztrace-weighting": ("train", {"demem": ZTRACE, "path": "weighting", "split": "shifting"}),
+    "ztrace-per_sample": ("train", {"demem": ZTRACE, "path": "per_sample", "split": "shifting"}),
     "class-weighting": ("train", {"demem": CLASS, "path": "weighting", "split": "shifting"}),
     "class-per_sample-chunked": ("train", {"demem": {**CLASS, "max_grad_norm": 0.5, "chunk_size": 2},
                                            "path": "per_sample", "split": "shifting"}),
@@ -327,9 +330,10 @@ def test_class_threshold_equals_one_process(ranks: dict, case: str) -> None:
     assert int(results[0]["class_moments"][:, 0].gt(0).sum()) == CLASSES
 
 
-@pytest.mark.parametrize("case", ["trace-weighting", "trace-per_sample"])
+@pytest.mark.parametrize("case", ["trace-weighting", "trace-per_sample", "ztrace-weighting", "ztrace-per_sample"])
 def test_trace_proxy_equals_one_process(ranks: dict, case: str) -> None:
-    """Batches overlap across steps (the trace matters) and the cut between ranks moves every step."""
+    """Batches overlap across steps (the trace matters) and the cut between ranks moves every step; the
+    z-scores of proxy="ztrace" take the global batch's moments."""
     results = _assert_same_as_one_process(ranks, case)
     assert int(results[0]["trace"].ne(0).sum()) > BATCH  # several batches' samples are in the trace
 

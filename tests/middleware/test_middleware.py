@@ -442,6 +442,35 @@ def test_trace_is_an_ema_and_needs_indices():
         assert dm.state_dict()["visited"].sum() == 3
 
 
+def test_ztrace_is_an_ema_of_batch_z_scores():
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="ztrace"):
+        dx.DeMem(model, opt, proxy="ztrace")
+    cfg = DeMemConfig(lam=1.0, proxy="ztrace", trace_decay=0.5, threshold="fixed", tau=0.5)
+    first = torch.tensor([1.0, 3.0, 0.5, 2.0])
+    second = 0.1 * torch.tensor([4.0, 3.0, 1.0, 2.0])  # every loss falls; the ranks move
+    idx = torch.tensor([4, 0, 9, 2])
+
+    def z(v):
+        return (v - v.mean()) / v.std(correction=0)
+
+    with dx.DeMem(model, opt, cfg, num_samples=10) as dm:
+        with pytest.raises(ValueError, match="ztrace"):
+            dm.backward(first.clone().requires_grad_())
+        dm.backward(first.clone().requires_grad_(), indices=idx)
+        opt.step()
+        torch.testing.assert_close(dm.state_dict()["trace"][idx], z(first.double()))
+        losses = second.clone().requires_grad_()
+        dm.backward(losses, indices=idx)
+        ema = 0.5 * z(first.double()) + 0.5 * z(second.double())  # [0.35, 0.94, -1.26, -0.03]
+        torch.testing.assert_close(dm.state_dict()["trace"][idx], ema)
+        torch.testing.assert_close(losses.grad, torch.tensor([1.0, 0.0, 1.0, 1.0]) / 4)  # above τ: sample 0
+        opt.step()
+        dm.backward(torch.ones(3, requires_grad=True), indices=torch.tensor([1, 3, 5]))  # std 0: z = 0
+        assert torch.equal(dm.state_dict()["trace"][torch.tensor([1, 3, 5])], torch.zeros(3, dtype=torch.float64))
+
+
 def test_trace_on_per_sample_path():
     model, (x, y) = make_model(), make_data()
     _, losses = per_sample_reference(model, x, y)
