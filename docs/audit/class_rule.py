@@ -2,8 +2,8 @@
 
 usage: python docs/audit/class_rule.py [--candidate SLUG] SEED:RUN_DIR [SEED:RUN_DIR ...]
 Each RUN_DIR is a `demem reproduce --configs pgd-at,pgd-demem-l0.75,SLUG --keep-seed SEED` folder (summary.json):
-both DeMem rows are paired with PGD-AT of the same run. SLUG: pgd-demem-l0.75-class (default) or
-pgd-demem-l0.5-class (the follow-up rule).
+both DeMem rows are paired with PGD-AT of the same run. SLUG: pgd-demem-l0.75-class (default),
+pgd-demem-l0.5-class (the follow-up rule) or pgd-demem-l0.75-ztrace (the z-score trace, docs/audit.md).
 """
 import json
 import sys
