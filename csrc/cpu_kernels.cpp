@@ -11,6 +11,8 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <fstream>
+#include <string>
 
 namespace demem {
 
@@ -27,17 +29,24 @@ void pass_cpu_avx512(const FusedCpuArgs& args, CpuPass pass, int norm_rows);
 
 namespace {
 
-// The last-level cache in bytes (glibc's sysconf; 1 MiB when the system does not say).
-int64_t last_level_cache_bytes() {
-  static const int64_t bytes = [] {
-#if defined(_SC_LEVEL3_CACHE_SIZE) && defined(_SC_LEVEL2_CACHE_SIZE)
-    for (const int name : {_SC_LEVEL3_CACHE_SIZE, _SC_LEVEL2_CACHE_SIZE}) {
-      const long v = sysconf(name);
-      if (v > 0) return static_cast<int64_t>(v);
-    }
-#endif
-    return static_cast<int64_t>(1) << 20;
-  }();
+// The size of cpu0's highest-level cache in Linux's sysfs ("32768K"), 0 when it does not say. A VM may
+// pass the host's CPUID through, so that glibc's sysconf reports the whole socket's L3 (320 MB on a
+// Zen 4 VM whose cores share 32 MB); sysfs gives the cache the cores actually share.
+int64_t sysfs_last_level_cache_bytes() {
+  int best_level = 0;
+  int64_t bytes = 0;
+  for (int i = 0; i < 16; ++i) {
+    const std::string dir = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(i) + "/";
+    std::ifstream level_file(dir + "level"), size_file(dir + "size");
+    int level = 0;
+    std::string size;
+    if (!(level_file >> level) || !(size_file >> size) || size.empty()) break;
+    char* end = nullptr;
+    int64_t value = std::strtoll(size.c_str(), &end, 10);
+    if (*end == 'K') value <<= 10;
+    if (*end == 'M') value <<= 20;
+    if (level >= best_level && value > 0) best_level = level, bytes = value;
+  }
   return bytes;
 }
 
@@ -70,11 +79,26 @@ Isa cpu_isa() {
 // noise). DEMEM_CPU_CACHE_BYTES, read at each call, overrides the total (0: "rows" is never a
 // candidate of the calibration, cpu_schedule.cpp).
 int64_t cpu_cache_budget(int64_t threads) {
-  int64_t total = last_level_cache_bytes() / 4 * 3;
+  int64_t total = cpu_last_level_cache_bytes() / 4 * 3;
   if (const char* forced = std::getenv("DEMEM_CPU_CACHE_BYTES"); forced != nullptr && *forced != '\0') {
     total = std::strtoll(forced, nullptr, 10);
   }
   return total / std::max<int64_t>(1, threads);
+}
+
+// The last-level cache in bytes (sysfs, else glibc's sysconf; 1 MiB when the system does not say).
+int64_t cpu_last_level_cache_bytes() {
+  static const int64_t bytes = [] {
+    if (const int64_t b = sysfs_last_level_cache_bytes(); b > 0) return b;
+#if defined(_SC_LEVEL3_CACHE_SIZE) && defined(_SC_LEVEL2_CACHE_SIZE)
+    for (const int name : {_SC_LEVEL3_CACHE_SIZE, _SC_LEVEL2_CACHE_SIZE}) {
+      const long v = sysconf(name);
+      if (v > 0) return static_cast<int64_t>(v);
+    }
+#endif
+    return static_cast<int64_t>(1) << 20;
+  }();
+  return bytes;
 }
 
 const char* cpu_kernel_capability() {

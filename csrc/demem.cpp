@@ -334,6 +334,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "The instruction set of the fused CPU kernel in use: 'avx512', 'avx2' or 'default' "
       "(ATEN_CPU_CAPABILITY=avx2 or default caps it, as for ATen's own kernels).");
   m.def(
+      "cpu_cache_bytes", []() { return demem::cpu_last_level_cache_bytes(); },
+      "The last-level cache in bytes behind the CPU schedule's cache budget: cpu0's highest-level cache "
+      "in sysfs, else glibc's sysconf (DEMEM_CPU_CACHE_BYTES overrides the budget, not this).");
+  m.def(
       "philox4x32_10",
       [](uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0, uint32_t k1) {
         uint32_t c[4] = {c0, c1, c2, c3};

@@ -41,6 +41,9 @@ void fused_step_cpu_kernel(const FusedCpuArgs& args);
 // "avx2" or "default": the build of the fused CPU kernel this CPU runs.
 const char* cpu_kernel_capability();
 
+// The last-level cache in bytes that the CPU schedule's cache budget starts from (cpu_kernels.cpp).
+int64_t cpu_last_level_cache_bytes();
+
 // n float32 normals of the Philox stream (seed, offset), in parallel.
 void philox_normal_cpu_kernel(float* out, int64_t n, uint64_t seed, uint64_t offset);
 

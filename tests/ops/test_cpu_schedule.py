@@ -112,3 +112,21 @@ def test_passes_match_torch(dtype, shape):
     u = 2.0**-53 if dtype == torch.float64 else 2.0**-24
     bound = (shape[0] + 2) * u * (coeff.double().abs() @ g64.abs())
     assert torch.all((out.double() - coeff.double() @ g64).abs() <= bound)
+
+
+@needs_ext
+def test_cache_bytes_are_those_of_sysfs():
+    """The cache budget starts from the cache the cores share (sysfs), not glibc's sysconf, which in a VM
+    may report the host socket's whole L3."""
+    from pathlib import Path
+
+    from demem_ext import _C
+
+    entries = []
+    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        size = (index / "size").read_text().strip()
+        value = int(size.rstrip("KM")) << {"K": 10, "M": 20}.get(size[-1], 0)
+        entries.append((int((index / "level").read_text()), value))
+    if not entries:
+        pytest.skip("no cache sizes in sysfs")
+    assert _C.cpu_cache_bytes() == max(entries)[1]
