@@ -49,4 +49,5 @@ for slug in (CURRENT, CANDIDATE):
           f"{100 * m1:+.1f}% | {100 * m01:+.1f}% | {nat:.2f} | {pgd:.2f} | {'yes' if ok else 'no'} |")
 m_cand, ok_cand = means[CANDIDATE]
 adopt = ok_cand and m_cand <= means[CURRENT][0] - 0.02
-print("decision:", "threshold='class' becomes the default" if adopt else "threshold='mean' stays the default")
+field, new, old = ("proxy", "ztrace", "loss") if CANDIDATE.endswith("-ztrace") else ("threshold", "class", "mean")
+print("decision:", f"{field}={new!r} becomes the default" if adopt else f"{field}={old!r} stays the default")
