@@ -10,8 +10,9 @@
 // (few synchronisations: a loaded machine with more runnable threads than cores makes every barrier
 // expensive):
 //
-// "rows": the rows are split into one contiguous range per thread. A thread takes its rows in small
-//   groups: the norms of the group (sums of squares, see sum_squares_k; the rows read side by side; the rows
+// "rows": the rows are split into one contiguous range per thread. A thread takes its rows in groups
+//   of as many as fit in its share of the cache, at most plan.norm_rows (the streams its core reads
+//   fastest): the norms of the group (sums of squares, see sum_squares_k; the rows read side by side; the rows
 //   are now in cache), their clip factors and coefficients (the weights are known beforehand), then
 //   one sweep acc += Σ_r coeff_r·g_r into its own accumulator [P] while the rows are still in cache.
 //   G is read from memory once. Region 2 adds the per-thread accumulators in thread order, the
@@ -76,7 +77,6 @@ using at::vec::Vectorized;
 
 constexpr int64_t kChunk = 65536;              // columns per accumulation task (multiple of 4 and of vector widths)
 constexpr int64_t kNormChunk = 65536;          // columns per norm task of the "columns" schedule (at least)
-constexpr int64_t kMaxGroup = 4;               // rows per group of the "rows" schedule (one sweep)
 #if defined(CPU_CAPABILITY_AVX512)
 constexpr int64_t kDraw = 64;  // normals per draw in a norm sweep: one call of the widest Philox path
 #else
@@ -377,8 +377,8 @@ void fused_rows_schedule(const FusedCpuArgs& a, int64_t parts, int64_t group, in
   const NoisePlan noise(noise_z, P, B, P, a.seed, a.offset);
 
   at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
-    acc_t cf[kMaxGroup];
-    double ss[kMaxGroup];
+    acc_t cf[kMaxNormRows];
+    double ss[kMaxNormRows];
     for (int64_t p = begin; p < end; ++p) {
       const int64_t r_begin = p * per_part, r_end = std::min(B, r_begin + per_part);
       acc_t* acc = accumulator(p);
@@ -505,7 +505,7 @@ void fused_step_impl(const FusedCpuArgs& a, const CpuPlan& plan) {
     const int64_t row_bytes = std::max<int64_t>(1, P * static_cast<int64_t>(sizeof(scalar_t)));
     const int64_t acc_bytes = P * static_cast<int64_t>(sizeof(acc_t));
     const int64_t group =
-        std::clamp<int64_t>((cpu_cache_budget(std::min(threads, B)) - acc_bytes) / row_bytes, 1, kMaxGroup);
+        std::clamp<int64_t>((cpu_cache_budget(std::min(threads, B)) - acc_bytes) / row_bytes, 1, plan.norm_rows);
     return fused_rows_schedule<scalar_t>(a, std::min(threads, B), group, threads);
   }
   if (schedule == CpuSchedule::kMv && (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>)) {

@@ -150,7 +150,6 @@ int norm_rows_locked(const FusedCpuArgs& a) {
 
 CpuPlan plan_for(const FusedCpuArgs& a) {
   const auto forced = forced_schedule();
-  if (forced == CpuSchedule::kRows) return {*forced, kMaxNormRows};  // its norm sweeps take its row groups
   std::lock_guard<std::mutex> lock(cache_mutex());
   const int norm_rows = norm_rows_locked(a);
   if (forced) return {*forced, norm_rows};
@@ -198,8 +197,8 @@ std::string cpu_fused_schedule(const at::Tensor& grads) {
   return it == chosen_schedules().end() ? "uncalibrated" : schedule_name(it->second);
 }
 
-// The rows its norm pass reads side by side ("columns" and "mv"): forced, calibrated, or 0 before the
-// first call of that shape.
+// The rows its norm sweeps read side by side ("rows": at most, where fewer fit in cache): forced,
+// calibrated, or 0 before the first call of that shape.
 int64_t cpu_fused_norm_rows(const at::Tensor& grads) {
   const Key key = key_of(grads);
   if (const auto forced = forced_norm_rows()) return *forced;

@@ -14,12 +14,12 @@ enum class CpuSchedule : int { kRows = 0, kColumns = 1, kMv = 2 };
 
 const char* schedule_name(CpuSchedule s);
 
-// The most rows the norm pass of "columns" and "mv" reads side by side (memory streams at once).
+// The most rows a norm sweep reads side by side (memory streams at once).
 constexpr int kMaxNormRows = 16;
 
-// How a step runs: its schedule and, for "columns" and "mv", the rows the norm pass reads side by
-// side (1..kMaxNormRows; the norms do not depend on it, only the speed: an Intel Xeon core needs
-// many streams to reach its bandwidth, a Zen 4 core streams fastest with few).
+// How a step runs: its schedule and the rows its norm sweeps read side by side (1..kMaxNormRows;
+// "rows": at most, where fewer fit in cache). The norms do not depend on it, only the speed: an Intel
+// Xeon core needs many streams to reach its bandwidth, a Zen 4 core streams fastest with few.
 struct CpuPlan {
   CpuSchedule schedule;
   int norm_rows;
