@@ -7,8 +7,9 @@ import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
-PROXIES = ("loss", "trace", "ztrace")
-TRACED_PROXIES = ("trace", "ztrace")  # per-sample state across visits: dataset indices needed
+PROXIES = ("loss", "trace", "ztrace", "iqr")
+TRACED_PROXIES = ("trace", "ztrace", "iqr")  # per-sample state across visits: dataset indices needed
+TRACE_WINDOW_MAX = 1024
 SELECTIONS = ("hard", "soft")
 THRESHOLDS = ("mean", "quantile", "fixed", "class")
 CLIP_SCOPES = ("all", "high_risk")
@@ -39,7 +40,9 @@ class DeMemConfig:
         λ = 2 diverges (docs/results.md); a non-finite loss then stops training with NonFiniteError.
     proxy: "loss" (s_i = ℓ_i), "trace" (per-sample EMA of the loss with decay trace_decay) or "ztrace"
         (per-sample EMA of the loss's z-score in its batch, (ℓ_i − mean)/std over the batch's samples:
-        unlike the loss, it does not fall as training lowers every loss).
+        unlike the loss, it does not fall as training lowers every loss) or "iqr" (the interquartile range
+        of the sample's last trace_window losses, this visit's included: LT-IQR, Pollock et al. 2024;
+        0 on a first visit).
     selection/threshold/k/quantile/tau/temperature: the risk rule r_i. threshold="class": τ per class,
         τ_c = μ_c + k·σ_c from running per-class moments of the scores (decay class_decay per step);
         the DeMem block needs the labels and num_classes.
@@ -53,6 +56,7 @@ class DeMemConfig:
     lam: float = 0.75  # chosen on tuning seeds 0-3 by the pre-registered rule (docs/audit.md)
     proxy: str = "loss"
     trace_decay: float = 0.9
+    trace_window: int = 8
     selection: str = "hard"
     threshold: str = "mean"
     k: float = 1.0
@@ -71,6 +75,9 @@ class DeMemConfig:
         _choice("proxy", self.proxy, PROXIES)
         if not 0.0 <= _finite("trace_decay", self.trace_decay) < 1.0:
             raise ValueError(f"trace_decay must be in [0, 1), got {self.trace_decay!r}")
+        if (isinstance(self.trace_window, bool) or not isinstance(self.trace_window, int)
+                or not 2 <= self.trace_window <= TRACE_WINDOW_MAX):
+            raise ValueError(f"trace_window must be an integer in [2, {TRACE_WINDOW_MAX}], got {self.trace_window!r}")
         _choice("selection", self.selection, SELECTIONS)
         _choice("threshold", self.threshold, THRESHOLDS)
         _finite("k", self.k)

@@ -40,17 +40,17 @@ def test_our_pgd_is_not_weaker_than_autoattack(trained_run: Path, capsys: pytest
 
 
 def test_every_demem_field_is_a_flag() -> None:
-    args = build_parser().parse_args(["train", "--lam", "1.5", "--proxy", "trace", "--threshold", "quantile",
+    args = build_parser().parse_args(["train", "--lam", "1.5", "--proxy", "iqr", "--threshold", "quantile",
                                       "--quantile", "0.9", "--max-grad-norm", "2", "--noise-multiplier",
                                       "0.3", "--clip-scope", "high_risk", "--expected-batch-size", "64",
                                       "--selection", "soft", "--temperature", "0.5", "--k", "2",
-                                      "--tau", "1", "--trace-decay", "0.5"])
+                                      "--tau", "1", "--trace-decay", "0.5", "--trace-window", "5"])
     cfg = train_config_from_args(args)
     demem = cfg.demem_config()
-    assert (demem.lam, demem.proxy, demem.threshold, demem.quantile) == (1.5, "trace", "quantile", 0.9)
+    assert (demem.lam, demem.proxy, demem.threshold, demem.quantile) == (1.5, "iqr", "quantile", 0.9)
     assert (demem.max_grad_norm, demem.noise_multiplier, demem.clip_scope) == (2.0, 0.3, "high_risk")
     assert (demem.expected_batch_size, demem.selection, demem.temperature) == (64, "soft", 0.5)
-    assert (demem.k, demem.tau, demem.trace_decay) == (2.0, 1.0, 0.5)
+    assert (demem.k, demem.tau, demem.trace_decay, demem.trace_window) == (2.0, 1.0, 0.5, 5)
     assert cfg.per_sample()
 
 

@@ -17,7 +17,8 @@ BAD_VALUES = [
     ("temperature", 0.0), ("temperature", -1.0), ("max_grad_norm", 0.0), ("max_grad_norm", -1.0),
     ("max_grad_norm", math.inf), ("noise_multiplier", -1.0), ("noise_multiplier", math.nan),
     ("clip_scope", "some"), ("expected_batch_size", 0), ("expected_batch_size", -2.5), ("lam", 1e39),
-    ("expected_batch_size", True),
+    ("expected_batch_size", True), ("trace_window", 1), ("trace_window", 2.5), ("trace_window", True),
+    ("trace_window", 1025),
 ]
 
 

@@ -471,6 +471,40 @@ def test_ztrace_is_an_ema_of_batch_z_scores():
         assert torch.equal(dm.state_dict()["trace"][torch.tensor([1, 3, 5])], torch.zeros(3, dtype=torch.float64))
 
 
+def test_iqr_is_the_interquartile_range_of_the_last_losses():
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="iqr"):
+        dx.DeMem(model, opt, proxy="iqr")
+    cfg = DeMemConfig(lam=1.0, proxy="iqr", trace_window=3, threshold="fixed", tau=0.5)
+    visits = [[1.0, 3.0, 0.5], [3.0, 3.0, 0.5], [2.0, 3.0, 5.0], [1.0, 1.0, 1.0]]
+    # windows after each visit (oldest first) and their IQRs (linear interpolation):
+    # [1], [3], [.5] -> 0, 0, 0; [1 3], [3 3], [.5 .5] -> 1, 0, 0;
+    # [1 3 2], [3 3 3], [.5 .5 5] -> 1, 0, 2.25; the oldest dropped: [3 2 1], [3 3 1], [.5 5 1] -> 1, 1, 2.25
+    iqrs = [[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [1.0, 0.0, 2.25], [1.0, 1.0, 2.25]]
+    idx = torch.tensor([4, 0, 9])
+    with dx.DeMem(model, opt, cfg, num_samples=10) as dm:
+        with pytest.raises(ValueError, match="indices"):
+            dm.backward(torch.ones(3, requires_grad=True))
+        for visit, iqr in zip(visits, iqrs):
+            losses = torch.tensor(visit, requires_grad=True)
+            dm.backward(losses, indices=idx)
+            high = torch.tensor(iqr) > 0.5
+            torch.testing.assert_close(losses.grad, (~high).float() / 3)
+            opt.step()
+        window = dm.state_dict()["trace"]
+        assert window.shape == (10, 3) and bool(window[1].isnan().all())  # sample 1: never visited
+        torch.testing.assert_close(window[idx], torch.tensor(visits[1:], dtype=torch.float64).T)
+        state = dm.state_dict()
+    with dx.DeMem(model, opt, cfg, num_samples=10) as resumed:
+        resumed.load_state_dict(state)
+        torch.testing.assert_close(resumed.state_dict()["trace"], window, equal_nan=True)
+        with pytest.raises(ValueError, match="trace"):
+            resumed.load_state_dict({**state, "trace": window[:, :2]})  # another window
+    with pytest.raises(ValueError, match="trace_window"):
+        DeMemConfig(proxy="iqr", trace_window=1)
+
+
 def test_trace_on_per_sample_path():
     model, (x, y) = make_model(), make_data()
     _, losses = per_sample_reference(model, x, y)
